@@ -1,0 +1,8 @@
+"""fleetllm: one engine, from one process to a cluster."""
+
+from fleetllm.engine.output import CompletionOutput, Logprob, RequestOutput
+from fleetllm.entrypoints.llm import LLM
+from fleetllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__version__ = "0.1.0"

@@ -1,0 +1,313 @@
+"""One EngineConfig of small frozen dataclasses, validated once, at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetllm.errors import ConfigurationError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "dummy", "sharded_state")
+ROPE_TYPES = ("default", "linear", "llama3")
+# Share of the available RAM the KV cache takes when kv_cache_memory_bytes is not given.
+DEFAULT_KV_CACHE_RAM_FRACTION = 0.2
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+
+
+def _dtype_name(value: Any) -> str:
+    name = str(value).removeprefix("torch.")
+    aliases = {"float": "float32", "half": "float16", "bf16": "bfloat16", "fp16": "float16",
+               "fp32": "float32"}
+    return aliases.get(name, name)
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Normalises classic (rope_theta + rope_scaling) and transformers-5 (rope_parameters)."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling: dict[str, Any] | None = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = float(hf.get("rope_theta", 10000.0))
+        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ConfigurationError(
+                f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+            )
+        scaling["rope_type"] = rope_type
+        if rope_type == "default":
+            scaling = None
+    return theta, scaling
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model as the engine needs it, read from a Hugging Face directory."""
+
+    model: str
+    architecture: str
+    dtype: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    max_model_len: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    eos_token_ids: tuple[int, ...]
+    generation_config: dict[str, Any]
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+
+    @property
+    def checkpoint_dtype(self) -> str:
+        return self.dtype
+
+    @staticmethod
+    def from_pretrained(model: str, dtype: str = "auto", max_model_len: int | None = None,
+                        seed: int = 0, skip_tokenizer_init: bool = False) -> ModelConfig:
+        path = Path(model)
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"model directory {model!r} does not exist; pass the path of a local "
+                "Hugging Face checkpoint (a folder with config.json)"
+            )
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"{cfg_path} is missing: a checkpoint needs its config.json")
+        hf = _read_json(cfg_path)
+        archs = hf.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelLoadError(
+                f"{cfg_path}: architecture {archs or hf.get('model_type')} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if dtype not in DTYPES:
+            raise ConfigurationError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        ckpt_dtype = _dtype_name(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+        if ckpt_dtype not in DTYPES[1:]:
+            ckpt_dtype = "float32"
+        try:
+            hidden = int(hf["hidden_size"])
+            heads = int(hf["num_attention_heads"])
+            kv_heads = int(hf.get("num_key_value_heads") or heads)
+            head_dim = int(hf.get("head_dim") or hidden // heads)
+            layers = int(hf["num_hidden_layers"])
+            vocab = int(hf["vocab_size"])
+            inter = int(hf["intermediate_size"])
+        except KeyError as e:
+            raise ModelLoadError(f"{cfg_path} lacks the field {e.args[0]!r}") from e
+        if heads % kv_heads:
+            raise ModelLoadError(
+                f"{cfg_path}: num_attention_heads ({heads}) is not a multiple of "
+                f"num_key_value_heads ({kv_heads})"
+            )
+        theta, scaling = _rope(hf)
+        max_pos = int(hf.get("max_position_embeddings", 2048))
+        if max_model_len is None:
+            max_model_len = max_pos
+        elif max_model_len < 2:
+            raise ConfigurationError(f"max_model_len={max_model_len} must be at least 2")
+        elif max_model_len > max_pos and scaling is None:
+            raise ConfigurationError(
+                f"max_model_len={max_model_len} is longer than the model's "
+                f"max_position_embeddings={max_pos}; use at most {max_pos}"
+            )
+        sliding = None
+        if arch == "MistralForCausalLM":
+            sliding = hf.get("sliding_window")
+        elif hf.get("use_sliding_window"):
+            raise ConfigurationError(f"{cfg_path}: use_sliding_window=true is not supported for {arch}")
+        gen: dict[str, Any] = {}
+        gen_path = path / "generation_config.json"
+        if gen_path.is_file():
+            gen = _read_json(gen_path)
+        eos: list[int] = []
+        for src in (gen.get("eos_token_id"), hf.get("eos_token_id")):
+            for tok in (src if isinstance(src, list) else [src]):
+                if isinstance(tok, int) and tok not in eos:
+                    eos.append(tok)
+        attention_bias = bool(hf.get("attention_bias", False))
+        return ModelConfig(
+            model=str(path),
+            architecture=arch,
+            dtype=ckpt_dtype if dtype == "auto" else dtype,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=inter,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
+            max_model_len=max_model_len,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=attention_bias and arch != "Qwen2ForCausalLM",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=int(sliding) if sliding else None,
+            eos_token_ids=tuple(eos),
+            generation_config=gen,
+            seed=seed,
+            skip_tokenizer_init=skip_tokenizer_init,
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks: int | None = None  # filled in by the engine once memory is known
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | type | None = "uni"
+    rank: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    load_format: str = "auto"
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    load_config: LoadConfig = field(default_factory=LoadConfig)
+    device_config: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigurationError(f"{name}={value!r} must be a positive integer")
+
+
+@dataclass
+class EngineArgs:
+    """User-facing arguments (LLM(...) keywords and CLI flags) turned into one EngineConfig."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    load_format: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | type | None = None
+    device: str = "auto"
+    skip_tokenizer_init: bool = False
+
+    def create_engine_config(self) -> EngineConfig:
+        if self.model is None:
+            from fleetllm.default_model import default_model_path
+
+            self.model = default_model_path()
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "kv_cache_memory_bytes", "tensor_parallel_size", "pipeline_parallel_size"):
+            _positive(name, getattr(self, name))
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigurationError(
+                f"load_format={self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}"
+            )
+        if not isinstance(self.seed, int):
+            raise ConfigurationError(f"seed={self.seed!r} must be an integer")
+        model_config = ModelConfig.from_pretrained(
+            os.fspath(self.model), self.dtype, self.max_model_len, self.seed,
+            self.skip_tokenizer_init,
+        )
+        max_len = model_config.max_model_len
+        batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        backend = self.distributed_executor_backend
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if backend is None:
+            backend = "uni" if world == 1 else "mp"
+        if backend == "uni" and world > 1:
+            raise ConfigurationError(
+                f"the 'uni' backend runs one worker, but tensor_parallel_size x "
+                f"pipeline_parallel_size = {world}; use distributed_executor_backend='mp' or 'ray'"
+            )
+        device = self.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return EngineConfig(
+            model_config=model_config,
+            cache_config=CacheConfig(self.block_size, self.enable_prefix_caching,
+                                     self.kv_cache_memory_bytes),
+            scheduler_config=SchedulerConfig(self.max_num_seqs, batched, max_len),
+            parallel_config=ParallelConfig(self.tensor_parallel_size,
+                                           self.pipeline_parallel_size, backend),
+            load_config=LoadConfig(self.load_format),
+            device_config=DeviceConfig(device),
+        )

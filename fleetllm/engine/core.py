@@ -1,0 +1,88 @@
+"""EngineCore: the scheduler driving an Executor, one step at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from fleetllm.config import EngineConfig
+from fleetllm.errors import ConfigurationError
+from fleetllm.executor.abstract import Executor
+from fleetllm.sched.output import EngineCoreOutput, KVCacheConfig
+from fleetllm.sched.request import Request, RequestStatus
+from fleetllm.sched.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor_class: type[Executor] | None = None) -> None:
+        start = time.perf_counter()
+        executor_class = executor_class or Executor.get_class(config)
+        self.executor = executor_class(config)
+        try:
+            num_blocks = self._initialize_kv_caches(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.config = config.replace(
+            cache_config=dataclasses.replace(config.cache_config, num_gpu_blocks=num_blocks))
+        self.scheduler = Scheduler(config.scheduler_config, num_blocks,
+                                   config.cache_config.block_size)
+        self.startup_seconds = time.perf_counter() - start
+        logger.info("engine ready in %.2f s", self.startup_seconds)
+
+    def _initialize_kv_caches(self, config: EngineConfig) -> int:
+        specs = self.executor.get_kv_cache_specs()
+        available = self.executor.determine_available_memory()
+        page = [sum(s.page_size_bytes for s in spec.values()) for spec in specs]
+        num_blocks = min(mem // p for mem, p in zip(available, page))
+        bs = config.cache_config.block_size
+        max_len = config.scheduler_config.max_model_len
+        blocks_per_seq = -(-max_len // bs)
+        if num_blocks - 1 < blocks_per_seq:
+            need = (blocks_per_seq + 1) * max(page)
+            raise ConfigurationError(
+                f"the KV cache holds {max(num_blocks - 1, 0)} blocks of {bs} tokens, fewer than "
+                f"one sequence of max_model_len={max_len} needs ({blocks_per_seq}); raise "
+                f"kv_cache_memory_bytes to at least {need} or lower max_model_len"
+            )
+        layer_names = sorted({name for spec in specs for name in spec})
+        self.executor.initialize_from_config(
+            [KVCacheConfig(num_blocks, layer_names) for _ in specs])
+        usable = (num_blocks - 1) * bs
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per worker); maximum "
+                    "concurrency for %d-token requests: %.2fx", num_blocks, bs, usable,
+                    num_blocks * max(page) / 2**20, max_len, usable / max_len)
+        return num_blocks
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        sched_out = self.scheduler.schedule()
+        runner_out = self.executor.execute_model(sched_out)
+        return self.scheduler.update_from_output(sched_out, runner_out)
+
+    def collective_rpc(self, method: Any, timeout: float | None = None, args: tuple = (),
+                       kwargs: dict[str, Any] | None = None) -> list[Any]:
+        return self.executor.collective_rpc(method, timeout, args, kwargs)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.reset_prefix_cache()
+
+    def stats(self) -> dict[str, float]:
+        return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,201 @@
+"""The offline LLM class, with vLLM's names."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fleetllm.config import EngineArgs
+from fleetllm.engine.core import EngineCore
+from fleetllm.engine.output import OutputProcessor, RequestOutput
+from fleetllm.engine.tokenizer import Tokenizer
+from fleetllm.sampling_params import SamplingParams
+from fleetllm.sched.request import Request
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any]
+
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class LLM:
+    """Generates text from a local Hugging Face checkpoint.
+
+    Keyword arguments mirror vLLM's: model, dtype, seed, max_model_len, block_size,
+    enable_prefix_caching, load_format, max_num_seqs, max_num_batched_tokens,
+    kv_cache_memory_bytes, tensor_parallel_size, pipeline_parallel_size,
+    distributed_executor_backend, skip_tokenizer_init, device.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        fields = EngineArgs.__dataclass_fields__
+        unknown = sorted(set(kwargs) - set(fields))
+        if unknown:
+            raise TypeError(f"LLM() got unknown argument(s) {unknown}; known: {sorted(fields)}")
+        args = EngineArgs(model=model, **kwargs)
+        config = args.create_engine_config()
+        self.config = config
+        mc = config.model_config
+        self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer(mc.model)
+        self.engine_core = EngineCore(config)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._counter = itertools.count()
+
+    # ---- generation -------------------------------------------------------------------
+    def get_default_sampling_params(self) -> SamplingParams:
+        gen = self.config.model_config.generation_config
+        defaults = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
+        if gen.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        return SamplingParams(**defaults)
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} "
+                                 "prompts; pass one, or one per prompt")
+        # Validate everything before adding anything, so a bad prompt leaves no half-batch.
+        inputs = [self._tokenize(p, i) for i, p in enumerate(prompts)]
+        for params in params_list:
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"sampling_params must be SamplingParams, got {type(params)}")
+        request_ids = [self._add_request(text, ids, params)
+                       for (text, ids), params in zip(inputs, params_list)]
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        tok = self._require_tokenizer()
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conv in conversations:
+            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(
+                text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this LLM was created with skip_tokenizer_init=True; pass "
+                             "prompts as {'prompt_token_ids': [...]}")
+        return self.tokenizer
+
+    def _tokenize(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
+        text: str | None
+        if isinstance(prompt, str):
+            text, ids = prompt, self._require_tokenizer().encode(prompt) if prompt else []
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            text = prompt["prompt"]
+            ids = self._require_tokenizer().encode(text) if text else []
+        else:
+            raise TypeError(f"prompt {index} must be a str or a dict with 'prompt' or "
+                            f"'prompt_token_ids', got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty; give at least one token")
+        vocab = self.config.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {index} has token ids outside [0, {vocab}): {bad[:5]}")
+        max_len = self.config.scheduler_config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens, which leaves no room to generate within "
+                f"max_model_len={max_len}; shorten the prompt or raise max_model_len"
+            )
+        return text, ids
+
+    def _add_request(self, prompt: str | None, ids: list[int], params: SamplingParams) -> str:
+        request_id = str(next(self._counter))
+        n = params.n
+        child_ids = [request_id] if n == 1 else [f"{i}_{request_id}" for i in range(n)]
+        self.output_processor.add_request(request_id, child_ids, prompt, ids, params)
+        prefix = self.config.cache_config.enable_prefix_caching
+        eos = self.config.model_config.eos_token_ids
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = tuple(dict.fromkeys((*eos, self.tokenizer.eos_token_id)))
+        for i, child_id in enumerate(child_ids):
+            child_params = params
+            if n > 1 and params.seed is not None:
+                child_params = params.clone(seed=params.seed + i)
+            # Prompt logprobs need every prompt position computed, so no prefix-cache hits;
+            # without prefix caching, the n copies still share their prompt's blocks.
+            if params.prompt_logprobs is not None:
+                salt = None
+            elif prefix:
+                salt = ""
+            else:
+                salt = f"request:{request_id}" if n > 1 else None
+            self.engine_core.add_request(Request(child_id, ids, child_params, eos, salt))
+        return request_id
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+                   disable=not use_tqdm)
+        start = time.perf_counter()
+        in_toks = out_toks = 0
+        try:
+            while self.engine_core.has_unfinished_requests():
+                outputs = self.engine_core.step()
+                finished, to_abort = self.output_processor.process_outputs(outputs)
+                if to_abort:
+                    self.engine_core.abort_requests(to_abort)
+                for ro in finished:
+                    results[ro.request_id] = ro
+                    in_toks += len(ro.prompt_token_ids)
+                    out_toks += sum(len(o.token_ids) for o in ro.outputs)
+                if finished and use_tqdm:
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"est. speed input: {in_toks / elapsed:.2f} toks/s, "
+                                        f"output: {out_toks / elapsed:.2f} toks/s")
+                    bar.update(len(finished))
+        except BaseException:
+            pending = list(self.output_processor.children)
+            self.output_processor.abort(pending)
+            self.engine_core.abort_requests(pending)
+            raise
+        finally:
+            bar.close()
+        return [results[r] for r in request_ids]
+
+    # ---- pass-throughs ----------------------------------------------------------------
+    def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
+                       args: tuple = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
+        return self.engine_core.collective_rpc(method, timeout, args, kwargs)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine_core.reset_prefix_cache()
+
+    def get_stats(self) -> dict[str, float]:
+        return self.engine_core.stats()
+
+    def shutdown(self) -> None:
+        core = getattr(self, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+            self.engine_core = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

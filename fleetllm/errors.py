@@ -1,0 +1,39 @@
+"""fleetllm's error table (the executor notes' E001-E005) plus EngineDeadError.
+
+Every error carries its code in the message so logs and users can look it up.
+"""
+
+from __future__ import annotations
+
+
+class FleetLLMError(RuntimeError):
+    """Base class of the coded errors."""
+
+    code: str = "E000"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"[{self.code}] {message}")
+
+
+class OutOfMemoryError(FleetLLMError):
+    code = "E001"
+
+
+class WorkerCrashedError(FleetLLMError):
+    code = "E002"
+
+
+class CommunicationTimeoutError(FleetLLMError, TimeoutError):
+    code = "E003"
+
+
+class ModelLoadError(FleetLLMError):
+    code = "E004"
+
+
+class ConfigurationError(FleetLLMError, ValueError):
+    code = "E005"
+
+
+class EngineDeadError(RuntimeError):
+    """The engine hit an unrecoverable error; create a new LLM to continue."""

@@ -1,0 +1,147 @@
+"""The Executor: the only way the engine reaches workers (the reference's whole surface)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future
+from functools import cached_property
+from typing import Any
+
+from fleetllm.config import EngineConfig
+from fleetllm.sched.output import KVCacheConfig, KVCacheSpec, ModelRunnerOutput, SchedulerOutput
+from fleetllm.worker.worker_base import resolve_obj_by_qualname
+
+logger = logging.getLogger(__name__)
+
+FailureCallback = Callable[[], None]
+BACKENDS = ("uni", "mp", "ray", "external_launcher")
+
+
+class Executor(ABC):
+    uses_ray: bool = False
+    supports_pp: bool = False
+
+    @staticmethod
+    def get_class(config: EngineConfig) -> type[Executor]:
+        backend = config.parallel_config.distributed_executor_backend
+        if isinstance(backend, type):
+            cls = backend
+        elif backend == "uni":
+            from fleetllm.executor.uniproc import UniProcExecutor
+
+            cls = UniProcExecutor
+        elif backend in BACKENDS:
+            raise ValueError(
+                f"distributed_executor_backend={backend!r} is not available in this build yet; "
+                "use 'uni'"
+            )
+        elif isinstance(backend, str) and "." in backend:
+            cls = resolve_obj_by_qualname(backend)
+        else:
+            raise ValueError(
+                f"unknown distributed_executor_backend {backend!r}; choose one of "
+                f"{', '.join(BACKENDS)}, an Executor subclass, or a 'package.module.Class' name"
+            )
+        if not (isinstance(cls, type) and issubclass(cls, Executor)):
+            raise TypeError(f"distributed_executor_backend must be an Executor subclass, got {cls}")
+        return cls
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.cache_config = config.cache_config
+        self.parallel_config = config.parallel_config
+        self.scheduler_config = config.scheduler_config
+        self.load_config = config.load_config
+        self.device_config = config.device_config
+        self.is_sleeping = False
+        self.sleeping_tags: set[str] = set()
+        self._init_executor()
+
+    @abstractmethod
+    def _init_executor(self) -> None: ...
+
+    @abstractmethod
+    def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
+                       args: tuple = (), kwargs: dict[str, Any] | None = None,
+                       non_block: bool = False) -> list[Any]: ...
+
+    @abstractmethod
+    def check_health(self) -> None: ...
+
+    def initialize_from_config(self, kv_cache_configs: list[KVCacheConfig]) -> None:
+        self.collective_rpc("initialize_from_config", args=(kv_cache_configs[0],))
+        self.collective_rpc("compile_or_warm_up_model")
+
+    def register_failure_callback(self, callback: FailureCallback) -> None:  # noqa: B027
+        """Called once if the executor enters a permanent failed state."""
+
+    def determine_available_memory(self) -> list[int]:
+        return self.collective_rpc("determine_available_memory")
+
+    def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
+        return self.collective_rpc("get_kv_cache_spec")
+
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      non_block: bool = False) -> ModelRunnerOutput | Future[ModelRunnerOutput]:
+        return self.collective_rpc("execute_model", args=(scheduler_output,),
+                                   non_block=non_block)[0]
+
+    def execute_dummy_batch(self) -> None:
+        self.collective_rpc("execute_dummy_batch")
+
+    def take_draft_token_ids(self) -> Any:
+        return self.collective_rpc("take_draft_token_ids")[0]
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return 1
+
+    def profile(self, is_start: bool = True) -> None:
+        self.collective_rpc("profile", args=(is_start,))
+
+    def start_profile(self) -> None:
+        self.collective_rpc("start_profile")
+
+    def stop_profile(self) -> None:
+        self.collective_rpc("stop_profile")
+
+    def save_sharded_state(self, path: str, pattern: str | None = None,
+                           max_size: int | None = None) -> None:
+        self.collective_rpc("save_sharded_state",
+                            kwargs={"path": path, "pattern": pattern, "max_size": max_size})
+
+    @cached_property
+    def supported_tasks(self) -> tuple[str, ...]:
+        return self.collective_rpc("get_supported_tasks")[0]
+
+    def shutdown(self) -> None:
+        self.collective_rpc("shutdown")
+
+    def sleep(self, level: int = 1) -> None:
+        if self.is_sleeping:
+            logger.warning("executor is already sleeping")
+            return
+        start = time.perf_counter()
+        self.collective_rpc("sleep", kwargs={"level": level})
+        self.sleeping_tags = {"weights", "kv_cache"}
+        self.is_sleeping = True
+        logger.info("fell asleep in %.3f s", time.perf_counter() - start)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if not self.is_sleeping:
+            logger.warning("executor is not sleeping")
+            return
+        for tag in tags or []:
+            if tag not in self.sleeping_tags:
+                logger.warning("tag %s is not in sleeping tags %s", tag, self.sleeping_tags)
+                return
+        start = time.perf_counter()
+        self.collective_rpc("wake_up", kwargs={"tags": tags})
+        logger.info("woke up %s in %.3f s", tags or sorted(self.sleeping_tags),
+                    time.perf_counter() - start)
+        self.sleeping_tags = set() if not tags else self.sleeping_tags - set(tags)
+        self.is_sleeping = bool(self.sleeping_tags)

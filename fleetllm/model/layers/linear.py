@@ -1,0 +1,162 @@
+"""Linear layers split across tensor-parallel ranks; each rank loads only its shard.
+
+Weight loaders take either a torch.Tensor or a lazy safetensors slice, check the
+checkpoint's shape against the config, and copy the rank's part into place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fleetllm.distributed.parallel_state import ParallelContext
+from fleetllm.errors import ModelLoadError
+
+
+def full_shape(loaded: Any) -> tuple[int, ...]:
+    return tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
+
+
+def narrow(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
+    """Reads loaded[start:start+size] along dim, without reading the rest of a lazy slice."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, size)
+    index = [slice(None)] * len(full_shape(loaded))
+    index[dim] = slice(start, start + size)
+    return loaded[tuple(index)]
+
+
+def read_all(loaded: Any) -> torch.Tensor:
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+def check_shape(name: str, loaded: Any, expected: tuple[int, ...]) -> None:
+    got = full_shape(loaded)
+    if got != expected:
+        raise ModelLoadError(
+            f"tensor {name!r} has shape {list(got)} but the config implies {list(expected)}; "
+            "the checkpoint does not match its config.json"
+        )
+
+
+class _Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(_Linear):
+    """Output features split across ranks; shards are listed in output_sizes (global sizes)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
+                 dtype: torch.dtype, pc: ParallelContext) -> None:
+        self.pc = pc
+        self.output_sizes = output_sizes
+        self.local_sizes = [self._local(s, i) for i, s in enumerate(output_sizes)]
+        super().__init__(in_features, sum(self.local_sizes), bias, dtype)
+
+    def _local(self, size: int, shard: int) -> int:
+        return size // self.pc.tp_size
+
+    def _shard_start(self, shard: int) -> int:
+        """Where this rank's part starts inside the checkpoint tensor of one shard."""
+        return self.local_sizes[shard] * self.pc.tp_rank
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, name: str, shard: int = 0) -> None:
+        is_weight = param.dim() == 2
+        expected = (self.output_sizes[shard], param.shape[1]) if is_weight else (
+            self.output_sizes[shard],)
+        check_shape(name, loaded, expected)
+        offset = sum(self.local_sizes[:shard])
+        size = self.local_sizes[shard]
+        param.data[offset:offset + size].copy_(narrow(loaded, 0, self._shard_start(shard), size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k, v heads split across ranks; KV heads replicated when tp > num_kv_heads."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool, dtype: torch.dtype, pc: ParallelContext) -> None:
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.local_kv_heads = max(1, num_kv_heads // pc.tp_size)
+        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim,
+                                  num_kv_heads * head_dim], bias, dtype, pc)
+
+    def _local(self, size: int, shard: int) -> int:
+        return size // self.pc.tp_size if shard == 0 else self.local_kv_heads * self.head_dim
+
+    def _shard_start(self, shard: int) -> int:
+        if shard == 0:
+            return super()._shard_start(shard)
+        kv_head = self.pc.tp_rank * self.num_kv_heads // self.pc.tp_size
+        return kv_head * self.head_dim
+
+
+class RowParallelLinear(_Linear):
+    """Input features split across ranks; partial sums all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 pc: ParallelContext) -> None:
+        self.pc = pc
+        self.in_features = in_features
+        super().__init__(in_features // pc.tp_size, out_features, bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pc.tp_all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, name: str, shard: int = 0) -> None:
+        if param.dim() == 1:
+            check_shape(name, loaded, tuple(param.shape))
+            param.data.copy_(read_all(loaded))
+            return
+        check_shape(name, loaded, (param.shape[0], self.in_features))
+        size = param.shape[1]
+        param.data.copy_(narrow(loaded, 1, size * self.pc.tp_rank, size))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Vocabulary rows split across ranks (padded to a multiple of tp)."""
+
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype,
+                 pc: ParallelContext) -> None:
+        super().__init__()
+        self.pc = pc
+        self.vocab_size = vocab_size
+        self.hidden = hidden
+        self.per_rank = -(-vocab_size // pc.tp_size)
+        self.start = self.per_rank * pc.tp_rank
+        self.end = min(self.start + self.per_rank, vocab_size)
+        self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden, dtype=dtype),
+                                   requires_grad=False)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, name: str, shard: int = 0) -> None:
+        check_shape(name, loaded, (self.vocab_size, self.hidden))
+        n = self.end - self.start
+        param.data[:n].copy_(narrow(loaded, 0, self.start, n))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.pc.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        local = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return self.pc.tp_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.pc.tp_size > 1:
+            logits = self.pc.tp_all_gather(logits, dim=-1)
+        return logits[:, : self.vocab_size].float()

@@ -1,0 +1,195 @@
+"""Llama-family decoder: Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fleetllm.config import ModelConfig
+from fleetllm.distributed.parallel_state import ParallelContext
+from fleetllm.errors import ModelLoadError
+from fleetllm.model.layers.attention import AttentionMetadata, TorchAttentionBackend
+from fleetllm.model.layers.linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    check_shape,
+    read_all,
+)
+from fleetllm.model.layers.norm import RMSNorm
+from fleetllm.model.layers.rotary import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def layer_range(num_layers: int, pc: ParallelContext) -> tuple[int, int]:
+    per = num_layers // pc.pp_size
+    return pc.pp_rank * per, (pc.pp_rank + 1) * per
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, pc: ParallelContext,
+                 rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        d = cfg.head_dim
+        self.num_heads = cfg.num_attention_heads // pc.tp_size
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, cfg.qkv_bias, dtype, pc)
+        self.num_kv_heads = self.qkv_proj.local_kv_heads
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size,
+                                        cfg.o_bias, dtype, pc)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = rotary
+        self.split = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+        self.head_dim = d
+        self.attn = TorchAttentionBackend(self.num_heads, self.num_kv_heads, d, d**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, pc: ParallelContext) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], cfg.mlp_bias,
+                                                 dtype, pc)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, pc)
+        self.local = inter // pc.tp_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.local, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, pc: ParallelContext,
+                 rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, dtype, pc, rotary)
+        self.mlp = MLP(cfg, dtype, pc)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# checkpoint name piece -> (our parameter name piece, shard index)
+_STACKED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, pc: ParallelContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pc = pc
+        self.dtype = dtype
+        self.start_layer, self.end_layer = layer_range(cfg.num_hidden_layers, pc)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta,
+                                 cfg.rope_scaling, dtype)
+        self.rotary = rotary
+        if pc.is_first_pp_rank:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, pc)
+        self.layers = nn.ModuleDict({
+            str(i): DecoderLayer(cfg, dtype, pc, rotary)
+            for i in range(self.start_layer, self.end_layer)
+        })
+        if pc.is_last_pp_rank:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, pc)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.data = module.weight.data.to(dtype)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                kv_caches: dict[int, KVCache], meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed_tokens(input_ids) if hidden is None else hidden
+        for i, layer in self.layers.items():
+            h = layer(positions, h, kv_caches[int(i)], meta)
+        return self.norm(h) if self.pc.is_last_pp_rank else h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)
+
+    def _target(self, name: str) -> tuple[str, int] | None:
+        """Maps a checkpoint tensor name to (our parameter name, shard), None to skip it."""
+        if name.startswith("model."):
+            name = name[len("model."):]
+        if name.startswith("layers."):
+            idx = int(name.split(".")[1])
+            if not self.start_layer <= idx < self.end_layer:
+                return None
+        elif name.startswith("embed_tokens."):
+            if not self.pc.is_first_pp_rank:
+                return None
+        elif name.startswith(("norm.", "lm_head.")):
+            if not self.pc.is_last_pp_rank:
+                return None
+        else:
+            return None  # rotary_emb.inv_freq and other buffers
+        for piece, (ours, shard) in _STACKED.items():
+            if f".{piece}." in name:
+                return name.replace(piece, ours), shard
+        return name, 0
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]], source: str) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[tuple[str, int]] = set()
+        tied = self.cfg.tie_word_embeddings and self.pc.is_last_pp_rank
+        for ckpt_name, tensor in weights:
+            target = self._target(ckpt_name)
+            if target is None:
+                continue
+            name, shard = target
+            names = [name]
+            if tied and name == "embed_tokens.weight":
+                names.append("lm_head.weight")
+            for n in names:
+                param = params.get(n)
+                if param is None:
+                    if n == "embed_tokens.weight":
+                        continue  # tied embeddings on a stage that only has the head
+                    raise ModelLoadError(f"{source}: unexpected tensor {ckpt_name!r}")
+                owner = self.get_submodule(n.rsplit(".", 1)[0])
+                with torch.no_grad():
+                    if hasattr(owner, "weight_loader"):
+                        owner.weight_loader(param, tensor, ckpt_name, shard)
+                    else:
+                        check_shape(ckpt_name, tensor, tuple(param.shape))
+                        param.data.copy_(read_all(tensor))
+                loaded.add((n, shard))
+        missing = []
+        for n in params:
+            for piece, (ours, shard) in _STACKED.items():
+                if ours in n and (n, shard) not in loaded:
+                    missing.append("model." + n.replace(ours, piece))
+            if not any(ours in n for ours, _ in _STACKED.values()) and (n, 0) not in loaded:
+                missing.append(n if n.startswith("lm_head") else "model." + n)
+        if missing:
+            raise ModelLoadError(
+                f"{source}: the checkpoint lacks {len(missing)} tensor(s) the config needs, "
+                f"e.g. {', '.join(missing[:3])}"
+            )

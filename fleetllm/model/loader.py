@@ -1,0 +1,87 @@
+"""Builds the model for one rank and fills its weights (safetensors or dummy)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from fleetllm.config import EngineConfig
+from fleetllm.distributed.parallel_state import ParallelContext
+from fleetllm.errors import ModelLoadError
+from fleetllm.model.registry import MODEL_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index: {e}") from e
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index} names shard(s) that are missing: {', '.join(absent)}")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    hint = f" (found {', '.join(others)})" if others else ""
+    raise ModelLoadError(
+        f"{model_dir} has neither model.safetensors nor model.safetensors.index.json{hint}; "
+        "save the checkpoint with safetensors (save_pretrained does by default) or use "
+        "load_format='dummy'"
+    )
+
+
+def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    """Yields (name, lazy slice): a rank reads only the part of each tensor it keeps."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_slice(name)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # a truncated or corrupt file
+            raise ModelLoadError(f"cannot read {path}: {e}") from e
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Small uniform weights, deterministic from the seed (norm weights stay at one)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+                continue
+            param.uniform_(-0.02, 0.02, generator=gen)
+
+
+def load_model(config: EngineConfig, pc: ParallelContext, device: torch.device) -> nn.Module:
+    mc = config.model_config
+    dtype = TORCH_DTYPES[mc.dtype]
+    model_cls = MODEL_REGISTRY[mc.architecture]
+    with torch.device(device):
+        model = model_cls(mc, dtype, pc)
+    fmt = config.load_config.load_format
+    if fmt == "dummy":
+        init_dummy_weights(model, mc.seed)
+    elif fmt in ("auto", "safetensors"):
+        files = safetensors_files(Path(mc.model))
+        model.load_weights(iterate_safetensors(files), source=str(Path(mc.model)))
+    else:
+        raise ModelLoadError(f"load_format={fmt!r} is not available in this build")
+    return model.eval()

@@ -1,0 +1,94 @@
+"""The plain data that crosses the Executor boundary (typed, msgspec-serialisable)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from fleetllm.sampling_params import SamplingParams
+
+
+class NewRequestData(msgspec.Struct, array_like=True):
+    """A request the workers have not seen (or are seeing again after preemption)."""
+
+    req_id: str
+    token_ids: list[int]  # prompt plus any output already produced
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    eos_token_ids: list[int]
+
+
+class CachedRequestData(msgspec.Struct, array_like=True):
+    """Requests the workers already hold: what changed since the previous step."""
+
+    req_ids: list[str] = msgspec.field(default_factory=list)
+    new_token_ids: list[list[int]] = msgspec.field(default_factory=list)
+    new_block_ids: list[list[int]] = msgspec.field(default_factory=list)
+    num_computed_tokens: list[int] = msgspec.field(default_factory=list)
+
+
+class SchedulerOutput(msgspec.Struct, array_like=True):
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: CachedRequestData
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    finished_req_ids: list[str]
+
+    @staticmethod
+    def empty(finished_req_ids: list[str] | None = None) -> SchedulerOutput:
+        return SchedulerOutput([], CachedRequestData(), {}, 0, finished_req_ids or [])
+
+
+class LogprobsLists(msgspec.Struct, array_like=True):
+    """Per sampled token: the sampled id first, then the top-N ids, with their logprobs."""
+
+    logprob_token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    sampled_token_ranks: list[int]
+
+
+class ModelRunnerOutput(msgspec.Struct, array_like=True):
+    req_ids: list[str]
+    req_id_to_index: dict[str, int]
+    sampled_token_ids: list[list[int]]  # empty list: a prefill chunk that did not finish
+    logprobs: LogprobsLists | None = None
+    # req_id -> (token ids, logprob of each prompt token given the previous ones)
+    prompt_logprobs: dict[str, list[float]] = msgspec.field(default_factory=dict)
+
+
+EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [])
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    # one entry per new token: (token ids, logprobs, rank of the sampled token)
+    new_logprobs: list[tuple[list[int], list[float], int]] | None = None
+    prompt_logprobs: list[float] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class KVCacheSpec(msgspec.Struct, array_like=True, frozen=True):
+    """One attention layer's cache on one worker."""
+
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: str
+
+    @property
+    def page_size_bytes(self) -> int:
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * self.block_size * self.num_kv_heads * self.head_size * itemsize
+
+
+class KVCacheConfig(msgspec.Struct, array_like=True):
+    num_blocks: int
+    layer_names: list[str]

@@ -1,0 +1,173 @@
+"""One token budget per step: running requests first, then waiting ones (vLLM v1 style)."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+from fleetllm.config import SchedulerConfig
+from fleetllm.sched.kv_cache_manager import KVCacheManager
+from fleetllm.sched.output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from fleetllm.sched.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int) -> None:
+        self.config = config
+        self.kv = KVCacheManager(num_blocks, block_size)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_req_ids: list[str] = []
+        self.num_preemptions = 0
+
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_requests(self, req_ids: Iterable[str], status: RequestStatus) -> None:
+        for req_id in req_ids:
+            req = self.requests.pop(req_id, None)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._free(req)
+
+    def _free(self, req: Request) -> None:
+        self.kv.free(req)
+        self.finished_req_ids.append(req.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def _preempt(self, victim: Request) -> None:
+        self.kv.free(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        self.waiting.appendleft(victim)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        max_len = self.config.max_model_len
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached = CachedRequestData()
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget,
+                          max_len - req.num_computed_tokens)
+            while (new_block_ids := self.kv.allocate_slots(req, num_new)) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if new_block_ids is None:
+                break
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            cached.req_ids.append(req.request_id)
+            cached.new_token_ids.append(req.all_token_ids[req.num_sent_tokens:])
+            cached.new_block_ids.append(new_block_ids)
+            cached.num_computed_tokens.append(req.num_computed_tokens)
+            req.num_sent_tokens = req.num_tokens
+            i += 1
+
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0]
+            computed, num_hit = self.kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit, budget)
+            if self.kv.allocate_slots(req, num_new, computed) is None:
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(NewRequestData(
+                req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
+                req.sampling_params, self.kv.block_ids(req), num_hit, list(req.eos_token_ids),
+            ))
+            req.num_sent_tokens = req.num_tokens
+
+        for req_id, n in num_scheduled.items():
+            self.requests[req_id].num_computed_tokens += n
+        finished, self.finished_req_ids = self.finished_req_ids, []
+        return SchedulerOutput(new_reqs, cached, num_scheduled,
+                               sum(num_scheduled.values()), finished)
+
+    def update_from_output(self, sched_out: SchedulerOutput,
+                           runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        stopped: list[Request] = []
+        index = runner_out.req_id_to_index
+        logprobs = runner_out.logprobs
+        max_len = self.config.max_model_len
+        for req_id in sched_out.num_scheduled_tokens:
+            req = self.requests.get(req_id)
+            i = index.get(req_id)
+            if req is None or i is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted or preempted while the step ran
+            token_ids = runner_out.sampled_token_ids[i]
+            prompt_lp = runner_out.prompt_logprobs.get(req_id)
+            if not token_ids and prompt_lp is None:
+                continue
+            new_ids: list[int] = []
+            for tok in token_ids:
+                req.all_token_ids.append(tok)
+                new_ids.append(tok)
+                if req.check_stop(tok, max_len):
+                    stopped.append(req)
+                    break
+            new_lp = None
+            if logprobs is not None and req.sampling_params.logprobs is not None and new_ids:
+                new_lp = [(logprobs.logprob_token_ids[i], logprobs.logprobs[i],
+                           logprobs.sampled_token_ranks[i])]
+            outputs.append(EngineCoreOutput(
+                req_id, new_ids, new_lp, prompt_lp, req.status.finish_reason, req.stop_reason,
+                max(req.num_cached_tokens, 0),
+            ))
+        if stopped:
+            done = set(stopped)
+            self.running = [r for r in self.running if r not in done]
+            for req in stopped:
+                del self.requests[req.request_id]
+                self._free(req)
+        return outputs
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "kv_cache_usage": self.kv.usage,
+            "prefix_cache_queries": self.kv.prefix_queries,
+            "prefix_cache_hits": self.kv.prefix_hits,
+            "num_preemptions": self.num_preemptions,
+        }

@@ -1,0 +1,119 @@
+"""The Worker: one rank on a CPU or CUDA device."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from fleetllm.config import DEFAULT_KV_CACHE_RAM_FRACTION, EngineConfig
+from fleetllm.distributed.parallel_state import ParallelContext
+from fleetllm.errors import OutOfMemoryError
+from fleetllm.sched.output import KVCacheConfig, KVCacheSpec, ModelRunnerOutput, SchedulerOutput
+from fleetllm.worker.model_runner import ModelRunner
+from fleetllm.worker.worker_base import WorkerBase
+
+logger = logging.getLogger(__name__)
+
+
+class Worker(WorkerBase):
+    def __init__(self, config: EngineConfig, local_rank: int = 0, rank: int = 0,
+                 distributed_init_method: str | None = None, is_driver_worker: bool = True) -> None:
+        super().__init__(config, local_rank, rank, distributed_init_method, is_driver_worker)
+        self.pc = ParallelContext()
+        self.device = torch.device("cpu")
+        self.model_runner: ModelRunner | None = None
+        self.kv_cache_config: KVCacheConfig | None = None
+        self.profiler: Any = None
+
+    def init_device(self) -> None:
+        if self.config.device_config.device == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            world = self.config.parallel_config.world_size
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+                os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // world))
+        self.model_runner = ModelRunner(self.config, self.pc, self.device)
+
+    def load_model(self) -> None:
+        self.model_runner.load_model()
+
+    def determine_available_memory(self) -> int:
+        """Bytes this worker can give to the KV cache."""
+        requested = self.config.cache_config.kv_cache_memory_bytes
+        if requested is not None:
+            return requested
+        world = self.config.parallel_config.world_size
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.9)
+        return int(psutil.virtual_memory().available * DEFAULT_KV_CACHE_RAM_FRACTION / world)
+
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        return self.model_runner.get_kv_cache_spec()
+
+    def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
+        self.kv_cache_config = kv_cache_config
+        try:
+            self.model_runner.initialize_kv_cache(kv_cache_config)
+        except (RuntimeError, OSError) as e:
+            raise OutOfMemoryError(
+                f"cannot allocate a KV cache of {kv_cache_config.num_blocks} blocks: {e}; "
+                "lower kv_cache_memory_bytes"
+            ) from e
+
+    def compile_or_warm_up_model(self) -> None:
+        """One dummy forward so the first real step does not pay for kernel set-up."""
+        self.execute_dummy_batch()
+
+    def execute_dummy_batch(self) -> None:
+        runner = self.model_runner
+        if not runner.kv_caches:
+            return
+        from fleetllm.sampling_params import SamplingParams
+        from fleetllm.sched.output import CachedRequestData, NewRequestData
+
+        bs = self.config.cache_config.block_size
+        n = min(bs, self.config.scheduler_config.max_model_len - 1)
+        req = NewRequestData("__dummy__", [0] * n, n, SamplingParams(max_tokens=1), [1], 0, [])
+        so = SchedulerOutput([req], CachedRequestData(), {"__dummy__": n}, n, [])
+        runner.execute_model(so)
+        runner.execute_model(SchedulerOutput.empty(["__dummy__"]))
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduler_output)
+
+    def profile(self, is_start: bool = True, trace_dir: str | None = None) -> None:
+        if is_start:
+            out = trace_dir or os.environ.get("FLEETLLM_TORCH_PROFILER_DIR", "./fleetllm_traces")
+            Path(out).mkdir(parents=True, exist_ok=True)
+            self.profiler = torch.profiler.profile(
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(out, f"rank{self.rank}"))
+            self.profiler.start()
+        elif self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
+
+    def start_profile(self) -> None:
+        self.profile(True)
+
+    def stop_profile(self) -> None:
+        self.profile(False)
+
+    def check_health(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        if self.profiler is not None:
+            self.profile(False)
+        if self.model_runner is not None:
+            self.model_runner.release_kv_cache()
+            self.model_runner.model = None
+        gc.collect()
