@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -20,6 +21,23 @@ from fleetllm.worker.worker_base import WorkerBase
 
 logger = logging.getLogger(__name__)
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_cpu_allocator() -> None:
+    """Keeps freed activations in the heap instead of returning them to the OS.
+
+    With glibc's defaults every tensor over a few MB is mmap-ed and unmapped per use, so each
+    op pays page faults on its output (prefill ran ~1.5x slower). Served from the heap and
+    not trimmed, the memory is reused. Only affects glibc; elsewhere nothing changes.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    except (OSError, AttributeError):
+        logger.debug("glibc not found; allocator left as it is")
+
 
 class Worker(WorkerBase):
     def __init__(self, config: EngineConfig, local_rank: int = 0, rank: int = 0,
@@ -36,11 +54,16 @@ class Worker(WorkerBase):
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
         else:
+            self._init_cpu()
+        self.model_runner = ModelRunner(self.config, self.pc, self.device)
+
+    def _init_cpu(self) -> None:
+        tune_cpu_allocator()
+        if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
             world = self.config.parallel_config.world_size
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
                 os.cpu_count() or 1)
             torch.set_num_threads(max(1, cores // world))
-        self.model_runner = ModelRunner(self.config, self.pc, self.device)
 
     def load_model(self) -> None:
         self.model_runner.load_model()

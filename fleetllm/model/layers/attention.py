@@ -70,13 +70,19 @@ class TorchAttentionBackend:
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        b = q.shape[0]
-        keys = _gather(k_cache, meta.decode_block_table)
-        values = _gather(v_cache, meta.decode_block_table)
-        qg = (q * self.scale).view(b, self.num_kv_heads, self.group, self.head_dim)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() + meta.decode_bias
-        probs = scores.softmax(dim=-1).to(q.dtype)
-        return torch.matmul(probs, values).reshape(b, -1)
+        # One KV head at a time: gathering a head's strided slice lands keys in the layout
+        # bmm wants, which saves a transposing copy of the whole gathered cache.
+        b, g, d = q.shape[0], self.group, self.head_dim
+        blocks = meta.decode_block_table.reshape(-1)
+        qg = (q * self.scale).view(b, self.num_kv_heads, g, d)
+        bias = meta.decode_bias.view(b, 1, -1)
+        out = torch.empty(b, self.num_kv_heads, g, d, dtype=q.dtype, device=q.device)
+        for h in range(self.num_kv_heads):
+            keys = k_cache[:, :, h].index_select(0, blocks).view(b, -1, d)
+            values = v_cache[:, :, h].index_select(0, blocks).view(b, -1, d)
+            scores = torch.bmm(qg[:, h], keys.transpose(1, 2)).float() + bias
+            torch.bmm(scores.softmax(dim=-1).to(q.dtype), values, out=out[:, h])
+        return out.view(b, -1)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: PrefillMetadata) -> torch.Tensor:

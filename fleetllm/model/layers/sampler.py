@@ -1,7 +1,7 @@
 """Batched sampling: penalties, min_tokens, temperature, min_p, top-k/top-p, seeds, logprobs.
 
 Every operation works on the whole [batch, vocab] tensor; the only per-request loop is
-drawing noise for requests with their own seed. A seeded request draws its noise from a
+drawing one random number for each request with its own seed, from a
 generator seeded by (seed, output position), so its text does not depend on what else is in
 the batch, nor on whether it was preempted.
 """
@@ -103,13 +103,14 @@ class Sampler:
             logits = logits.masked_fill(probs < floor, _MASK)
         if m.top_k is not None or m.top_p is not None:
             logits = apply_top_k_top_p(logits, m.top_k, m.top_p)
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs)
-        noise.exponential_(generator=self.generator)
+        # Inverse-CDF sampling: one uniform number per row instead of noise over the vocab.
+        cdf = logits.softmax(dim=-1).cumsum_(dim=-1)
+        u = torch.rand(cdf.shape[0], 1, generator=self.generator)
         for row, seed in m.seeds.items():
             self.row_generator.manual_seed(seed)
-            noise[row].exponential_(generator=self.row_generator)
-        return (probs / noise).argmax(dim=-1)
+            u[row] = torch.rand(1, generator=self.row_generator)
+        u = u.to(cdf.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, sampled: torch.Tensor, n: int, out: SamplerOutput) -> None:

@@ -1,0 +1,148 @@
+"""The fleetllm command: generate, chat, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from fleetllm.config import DTYPES, LOAD_FORMATS
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face checkpoint directory (default: the built-in model)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", default=None)
+
+
+def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(model=a.model, dtype=a.dtype, load_format=a.load_format, seed=a.seed,
+                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                max_num_batched_tokens=a.max_num_batched_tokens,
+                kv_cache_memory_bytes=a.kv_cache_memory_bytes, block_size=a.block_size,
+                enable_prefix_caching=a.enable_prefix_caching,
+                tensor_parallel_size=a.tensor_parallel_size,
+                pipeline_parallel_size=a.pipeline_parallel_size,
+                distributed_executor_backend=a.distributed_executor_backend)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sampling-seed", dest="sampling_seed", type=int, default=None)
+
+
+def _sampling_params(a: argparse.Namespace):
+    from fleetllm import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                          top_k=a.top_k, seed=a.sampling_seed)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from fleetllm import LLM
+
+    params = _sampling_params(a)
+    with LLM(**_llm_kwargs(a)) as llm:
+        outputs = llm.generate(a.prompt, params, use_tqdm=False)
+    for out in outputs:
+        print(out.prompt + out.outputs[0].text)
+        if len(outputs) > 1:
+            print("-" * 40)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from fleetllm import LLM
+
+    params = _sampling_params(a)
+    history: list[dict[str, str]] = []
+    if a.system:
+        history.append({"role": "system", "content": a.system})
+    with LLM(**_llm_kwargs(a)) as llm:
+        interactive = sys.stdin.isatty()
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("/exit", "/quit"):
+                return 0
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line.rstrip("\n")})
+            reply = llm.chat(history, params, use_tqdm=False)[0].outputs[0].text
+            history.append({"role": "assistant", "content": reply})
+            print(reply, flush=True)
+
+
+def cmd_bench_throughput(a: argparse.Namespace) -> int:
+    from fleetllm.entrypoints import bench
+
+    if a.backend == "hf":
+        if a.model is None:
+            print("--backend hf needs --model DIR", file=sys.stderr)
+            return 2
+        bench.run_hf(a)
+    else:
+        bench.run_fleetllm(a, _llm_kwargs(a))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetllm", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one or more prompts")
+    _engine_args(gen)
+    _sampling_args(gen)
+    gen.add_argument("prompt", nargs="+")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="an interactive chat that keeps the conversation")
+    _engine_args(chat)
+    _sampling_args(chat)
+    chat.add_argument("--system", default=None, help="an optional system message")
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    tp = bench_sub.add_parser("throughput", help="offline throughput on random prompts")
+    _engine_args(tp)
+    from fleetllm.entrypoints.bench import add_throughput_args
+
+    add_throughput_args(tp)
+    tp.set_defaults(func=cmd_bench_throughput)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, RuntimeError) as e:
+        if args.log_level.upper() == "DEBUG":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
