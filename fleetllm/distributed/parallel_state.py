@@ -23,6 +23,10 @@ class ParallelContext:
     cpu_group: Any = None
 
     @property
+    def rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
     def is_first_pp_rank(self) -> bool:
         return self.pp_rank == 0
 

@@ -81,6 +81,18 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.reset_prefix_cache()
 
+    def sleep(self, level: int = 1) -> None:
+        if self.scheduler.has_unfinished_requests():
+            raise RuntimeError("cannot sleep with requests in flight; wait for them or abort them")
+        self.scheduler.reset_prefix_cache()  # the cached blocks' contents are about to go
+        self.executor.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.executor.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.executor.is_sleeping
+
     def stats(self) -> dict[str, float]:
         return self.scheduler.stats()
 

@@ -182,8 +182,24 @@ class LLM:
                        args: tuple = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
         return self.engine_core.collective_rpc(method, timeout, args, kwargs)
 
+    def save_sharded_state(self, path: str, pattern: str | None = None,
+                           max_size: int | None = None) -> None:
+        """Each worker writes its own shard; load them with load_format='sharded_state'
+        from a directory that also holds the checkpoint's config and tokenizer files."""
+        self.engine_core.executor.save_sharded_state(path, pattern, max_size)
+
     def reset_prefix_cache(self) -> bool:
         return self.engine_core.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """Frees the KV cache (level 1) and the weights too (level 2) until wake_up()."""
+        self.engine_core.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.engine_core.wake_up(tags)
+
+    def get_performance_metrics(self) -> dict[str, Any]:
+        return self.engine_core.executor.get_performance_metrics()
 
     def get_stats(self) -> dict[str, float]:
         return self.engine_core.stats()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from functools import cached_property
 from typing import Any
+
+import numpy as np
 
 from fleetllm.config import EngineConfig
 from fleetllm.sched.output import KVCacheConfig, KVCacheSpec, ModelRunnerOutput, SchedulerOutput
@@ -17,6 +20,34 @@ from fleetllm.worker.worker_base import resolve_obj_by_qualname
 logger = logging.getLogger(__name__)
 
 FailureCallback = Callable[[], None]
+
+
+class ExecutionMetrics:
+    """execute_model latencies (the last 10,000 calls) and the tokens they processed."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self.latencies_s: deque[float] = deque(maxlen=window)
+        self.total_tokens = 0
+        self.total_seconds = 0.0
+
+    def record(self, start: float, tokens: int) -> None:
+        elapsed = time.perf_counter() - start
+        self.latencies_s.append(elapsed)
+        self.total_tokens += tokens
+        self.total_seconds += elapsed
+
+    def latency(self) -> dict[str, float]:
+        if not self.latencies_s:
+            return {"count": 0}
+        ms = np.asarray(self.latencies_s) * 1e3
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        return {"count": len(ms), "mean_ms": float(ms.mean()), "p50_ms": float(p50),
+                "p90_ms": float(p90), "p99_ms": float(p99), "max_ms": float(ms.max())}
+
+    def throughput(self) -> dict[str, float]:
+        busy = self.total_seconds
+        return {"tokens": self.total_tokens, "busy_seconds": busy,
+                "tokens_per_s": self.total_tokens / busy if busy else 0.0}
 BACKENDS = ("uni", "mp", "ray", "external_launcher")
 
 
@@ -59,6 +90,7 @@ class Executor(ABC):
         self.device_config = config.device_config
         self.is_sleeping = False
         self.sleeping_tags: set[str] = set()
+        self.metrics = ExecutionMetrics()
         self._init_executor()
 
     @abstractmethod
@@ -67,7 +99,11 @@ class Executor(ABC):
     @abstractmethod
     def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
                        args: tuple = (), kwargs: dict[str, Any] | None = None,
-                       non_block: bool = False) -> list[Any]: ...
+                       non_block: bool = False, return_exceptions: bool = False) -> list[Any]:
+        """Runs method (a worker method name, or a callable taking the worker first) on every
+        worker; one result per worker, or Futures with non_block. A timeout raises
+        CommunicationTimeoutError; return_exceptions puts a failed worker's exception in its
+        slot instead of raising."""
 
     @abstractmethod
     def check_health(self) -> None: ...
@@ -87,8 +123,26 @@ class Executor(ABC):
 
     def execute_model(self, scheduler_output: SchedulerOutput,
                       non_block: bool = False) -> ModelRunnerOutput | Future[ModelRunnerOutput]:
-        return self.collective_rpc("execute_model", args=(scheduler_output,),
-                                   non_block=non_block)[0]
+        start = time.perf_counter()
+        result = self.collective_rpc("execute_model", args=(scheduler_output,),
+                                     non_block=non_block)[0]
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if non_block:
+            result.add_done_callback(lambda _: self.metrics.record(start, tokens))
+        else:
+            self.metrics.record(start, tokens)
+        return result
+
+    def get_performance_metrics(self) -> dict[str, Any]:
+        """execute_model latency percentiles, tokens/s, and each worker's memory."""
+        usage = self.collective_rpc("get_memory_usage", timeout=10, return_exceptions=True)
+        return {
+            "latency": self.metrics.latency(),
+            "throughput": self.metrics.throughput(),
+            "resource_utilization": [
+                u if isinstance(u, dict) else {"error": repr(u)} for u in usage
+            ],
+        }
 
     def execute_dummy_batch(self) -> None:
         self.collective_rpc("execute_dummy_batch")

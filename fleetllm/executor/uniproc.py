@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from fleetllm.errors import CommunicationTimeoutError
 from fleetllm.executor.abstract import Executor
 from fleetllm.worker.worker_base import WorkerWrapperBase
 
 
 class UniProcExecutor(Executor):
     def _init_executor(self) -> None:
+        # Calls with a timeout run on this thread so the caller can stop waiting; a call that
+        # overran keeps the worker busy, so later calls queue behind it instead of racing it.
+        self._rpc_thread: ThreadPoolExecutor | None = None
+        self._last: Future[Any] | None = None
         self.driver_worker = WorkerWrapperBase(rpc_rank=0)
         self.driver_worker.init_worker(self.config, local_rank=0, rank=0,
                                        distributed_init_method=None, is_driver_worker=True)
@@ -20,16 +26,36 @@ class UniProcExecutor(Executor):
 
     def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
                        args: tuple = (), kwargs: dict[str, Any] | None = None,
-                       non_block: bool = False) -> list[Any]:
+                       non_block: bool = False, return_exceptions: bool = False) -> list[Any]:
         kwargs = kwargs or {}
-        if not non_block:
-            return [self.driver_worker.execute_method(method, *args, **kwargs)]
-        future: Future[Any] = Future()
+        run = self.driver_worker.execute_method
+        if timeout is None and not non_block and (self._last is None or self._last.done()):
+            try:
+                return [run(method, *args, **kwargs)]
+            except Exception as e:
+                if return_exceptions:
+                    return [e]
+                raise
+        if self._rpc_thread is None:
+            self._rpc_thread = ThreadPoolExecutor(1, thread_name_prefix="fleetllm-uniproc")
+        future = self._rpc_thread.submit(run, method, *args, **kwargs)
+        self._last = future
+        if non_block:
+            return [future]
         try:
-            future.set_result(self.driver_worker.execute_method(method, *args, **kwargs))
+            return [future.result(timeout)]
+        except FutureTimeout:
+            name = getattr(method, "__name__", method)
+            error = CommunicationTimeoutError(
+                f"collective_rpc({name!r}) did not finish within {timeout} s; the worker "
+                "finishes it in the background before serving the next call")
+            if return_exceptions:
+                return [error]
+            raise error from None
         except Exception as e:
-            future.set_exception(e)
-        return [future]
+            if return_exceptions:
+                return [e]
+            raise
 
     def check_health(self) -> None:
         return None
@@ -38,3 +64,6 @@ class UniProcExecutor(Executor):
         if self.driver_worker.worker is not None:
             self.collective_rpc("shutdown")
             self.driver_worker.worker = None
+        if self._rpc_thread is not None:
+            self._rpc_thread.shutdown(wait=True)
+            self._rpc_thread = None

@@ -19,6 +19,7 @@ from fleetllm.model.registry import MODEL_REGISTRY
 
 logger = logging.getLogger(__name__)
 
+SHARDED_STATE_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,5 +84,33 @@ def load_model(config: EngineConfig, pc: ParallelContext, device: torch.device) 
         files = safetensors_files(Path(mc.model))
         model.load_weights(iterate_safetensors(files), source=str(Path(mc.model)))
     else:
-        raise ModelLoadError(f"load_format={fmt!r} is not available in this build")
+        load_sharded_state(model, Path(mc.model), pc.rank)
     return model.eval()
+
+
+def load_sharded_state(model: nn.Module, model_dir: Path, rank: int) -> None:
+    """Loads the files save_sharded_state wrote for this rank, tensor for tensor."""
+    prefix = SHARDED_STATE_PATTERN.split("{part}")[0].format(rank=rank)
+    files = sorted(model_dir.glob(f"{prefix}*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"{model_dir} has no {prefix}*.safetensors for rank {rank}; write them with "
+            "save_sharded_state using the same tensor/pipeline parallel sizes"
+        )
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in iterate_safetensors(files):
+            param = params.get(name)
+            if param is None:
+                raise ModelLoadError(f"{files[0].parent}: unexpected tensor {name!r} for rank {rank}")
+            shape = tuple(tensor.get_shape())
+            if shape != tuple(param.shape):
+                raise ModelLoadError(
+                    f"tensor {name!r} has shape {list(shape)} but rank {rank} expects "
+                    f"{list(param.shape)}; was the state saved with other parallel sizes?")
+            param.data.copy_(tensor[:])
+            seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ModelLoadError(f"{model_dir}: sharded state for rank {rank} lacks {missing[:3]}")

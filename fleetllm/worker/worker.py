@@ -15,6 +15,7 @@ import torch
 from fleetllm.config import DEFAULT_KV_CACHE_RAM_FRACTION, EngineConfig
 from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.errors import OutOfMemoryError
+from fleetllm.model.loader import SHARDED_STATE_PATTERN
 from fleetllm.sched.output import KVCacheConfig, KVCacheSpec, ModelRunnerOutput, SchedulerOutput
 from fleetllm.worker.model_runner import ModelRunner
 from fleetllm.worker.worker_base import WorkerBase
@@ -129,6 +130,70 @@ class Worker(WorkerBase):
 
     def stop_profile(self) -> None:
         self.profile(False)
+
+    def get_memory_usage(self) -> dict[str, Any]:
+        runner = self.model_runner
+        weights = sum(p.numel() * p.element_size() for p in runner.model.parameters()) if (
+            runner.model is not None) else 0
+        kv = sum(2 * k.numel() * k.element_size() for k, _ in runner.kv_caches.values())
+        usage: dict[str, Any] = {
+            "rank": self.rank, "device": str(self.device),
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "weights_bytes": weights, "kv_cache_bytes": kv,
+        }
+        if self.device.type == "cuda":
+            usage["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+        return usage
+
+    # ---- sleep mode -------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Level 1 frees the KV cache and moves weights to host memory (where they already
+        are on CPU); level 2 also drops the weights, which wake_up reloads."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        runner = self.model_runner
+        runner.release_kv_cache()
+        params = list(runner.model.parameters())
+        if level == 1 and self.device.type != "cpu":
+            self._host_weights = [p.data.to("cpu") for p in params]
+        for p in params:
+            if level == 2 or self.device.type != "cpu":
+                p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+        self._sleep_level = level
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        tags = tags or ["weights", "kv_cache"]
+        runner = self.model_runner
+        if "weights" in tags:
+            if getattr(self, "_sleep_level", 1) == 2:
+                runner.load_model()
+            elif getattr(self, "_host_weights", None) is not None:
+                for p, host in zip(runner.model.parameters(), self._host_weights):
+                    p.data = host.to(self.device)
+                self._host_weights = None
+        if "kv_cache" in tags and self.kv_cache_config is not None:
+            runner.initialize_kv_cache(self.kv_cache_config)
+
+    def save_sharded_state(self, path: str, pattern: str | None = None,
+                           max_size: int | None = None) -> None:
+        """Writes this rank's parameters, as held, for load_format='sharded_state'."""
+        from safetensors.torch import save_file
+
+        pattern = pattern or SHARDED_STATE_PATTERN
+        Path(path).mkdir(parents=True, exist_ok=True)
+        part: dict[str, torch.Tensor] = {}
+        size = index = 0
+        for name, param in self.model_runner.model.named_parameters():
+            nbytes = param.numel() * param.element_size()
+            if part and max_size is not None and size + nbytes > max_size:
+                save_file(part, str(Path(path) / pattern.format(rank=self.rank, part=index)))
+                part, size, index = {}, 0, index + 1
+            part[name] = param.data.detach().contiguous().cpu()
+            size += nbytes
+        save_file(part, str(Path(path) / pattern.format(rank=self.rank, part=index)))
 
     def check_health(self) -> None:
         return None

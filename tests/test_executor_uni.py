@@ -1,0 +1,144 @@
+"""The Executor surface on the in-process backend: rpc, timeouts, sleep, sharded state."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from fleetllm import LLM, SamplingParams
+from fleetllm.config import EngineArgs
+from fleetllm.errors import CommunicationTimeoutError, ConfigurationError
+from fleetllm.executor.abstract import Executor
+from fleetllm.executor.uniproc import UniProcExecutor
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": [5, 6, 7, 8, 9] * 4}, {"prompt_token_ids": [11, 12]},
+           {"prompt_token_ids": list(range(20, 60))}]
+
+
+def _ids(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir: Path):
+    engine = LLM(str(llama_dir), kv_cache_memory_bytes=1 << 24)
+    yield engine
+    engine.shutdown()
+
+
+class NotAnExecutor:
+    pass
+
+
+class CustomExecutor(UniProcExecutor):
+    """A user's executor named by qualname."""
+
+
+def test_get_class_resolves_names_classes_and_qualnames(llama_dir: Path) -> None:
+    def cfg(backend):
+        return EngineArgs(model=str(llama_dir), distributed_executor_backend=backend
+                          ).create_engine_config()
+
+    assert Executor.get_class(cfg("uni")) is UniProcExecutor
+    assert Executor.get_class(cfg(CustomExecutor)) is CustomExecutor
+    assert Executor.get_class(cfg("tests.test_executor_uni.CustomExecutor")) is CustomExecutor
+    with pytest.raises(TypeError, match="Executor subclass"):
+        Executor.get_class(cfg(NotAnExecutor))
+    with pytest.raises(TypeError, match="Executor subclass"):
+        Executor.get_class(cfg("tests.test_executor_uni.NotAnExecutor"))
+    with pytest.raises(ValueError, match="uni, mp, ray, external_launcher"):
+        Executor.get_class(cfg("bogus"))
+    with pytest.raises(ConfigurationError, match="E005"):
+        EngineArgs(model=str(llama_dir), tensor_parallel_size=2,
+                   distributed_executor_backend="uni").create_engine_config()
+
+
+def test_custom_executor_by_qualname_gives_same_outputs(llm: LLM, llama_dir: Path) -> None:
+    ref = _ids(llm)
+    custom = LLM(str(llama_dir), kv_cache_memory_bytes=1 << 24,
+                 distributed_executor_backend="tests.test_executor_uni.CustomExecutor")
+    try:
+        assert isinstance(custom.engine_core.executor, CustomExecutor)
+        assert _ids(custom) == ref
+    finally:
+        custom.shutdown()
+
+
+def test_collective_rpc_method_callable_args_and_futures(llm: LLM) -> None:
+    ex = llm.engine_core.executor
+    assert ex.collective_rpc("get_supported_tasks") == [("generate",)]
+    assert llm.collective_rpc(lambda w, a, b=0: (w.rank, a + b), args=(2,), kwargs={"b": 3}) == [
+        (0, 5)]
+    futures = ex.collective_rpc(lambda w: "later", non_block=True)
+    assert [f.result(timeout=5) for f in futures] == ["later"]
+    res = ex.collective_rpc(lambda w: 1 / 0, return_exceptions=True)
+    assert isinstance(res[0], ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):
+        ex.collective_rpc(lambda w: 1 / 0)
+    with pytest.raises(AttributeError, match="no method 'nope'"):
+        ex.collective_rpc("nope")
+
+
+def test_timeout_raises_and_next_call_gets_its_own_result(llm: LLM) -> None:
+    ex = llm.engine_core.executor
+    start = time.perf_counter()
+    with pytest.raises(CommunicationTimeoutError, match="E003"):
+        ex.collective_rpc(lambda w: time.sleep(1.0) or "late", timeout=0.2)
+    assert time.perf_counter() - start < 0.7
+    assert ex.collective_rpc(lambda w: "mine", timeout=5) == ["mine"]
+    assert ex.collective_rpc(lambda w: "inline") == ["inline"]
+    futures = ex.collective_rpc(lambda w: time.sleep(0.5), non_block=True)
+    with pytest.raises(TimeoutError):
+        futures[0].result(timeout=0.1)
+    futures[0].result(timeout=5)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_and_wake_up_keep_outputs(llm: LLM, level: int) -> None:
+    ref = _ids(llm)
+    llm.sleep(level)
+    ex = llm.engine_core.executor
+    assert ex.is_sleeping and ex.sleeping_tags == {"weights", "kv_cache"}
+    usage = llm.collective_rpc("get_memory_usage")[0]
+    assert usage["kv_cache_bytes"] == 0
+    assert (usage["weights_bytes"] == 0) == (level == 2)
+    llm.wake_up(["weights"])
+    assert ex.is_sleeping and ex.sleeping_tags == {"kv_cache"}
+    llm.wake_up(["kv_cache"])
+    assert not ex.is_sleeping
+    assert _ids(llm) == ref
+
+
+def test_save_sharded_state_round_trip(llm: LLM, llama_dir: Path, tmp_path: Path) -> None:
+    ref = _ids(llm)
+    out = tmp_path / "sharded"
+    llm.save_sharded_state(str(out), max_size=50_000)
+    assert len(list(out.glob("model-rank-0-part-*.safetensors"))) > 1
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama_dir / name, out / name)
+    loaded = LLM(str(out), load_format="sharded_state", kv_cache_memory_bytes=1 << 24)
+    try:
+        assert _ids(loaded) == ref
+    finally:
+        loaded.shutdown()
+
+
+def test_performance_metrics_are_real_numbers(llm: LLM) -> None:
+    _ids(llm)
+    m = llm.get_performance_metrics()
+    assert m["latency"]["count"] > 0 and 0 < m["latency"]["p50_ms"] <= m["latency"]["p99_ms"]
+    assert m["throughput"]["tokens"] > 0 and m["throughput"]["tokens_per_s"] > 0
+    worker = m["resource_utilization"][0]
+    assert worker["rss_bytes"] > 0 and worker["weights_bytes"] > 0
+    assert worker["kv_cache_bytes"] == 1 << 24 or worker["kv_cache_bytes"] > 0
+
+
+def test_profile_writes_a_trace(llm: LLM, tmp_path: Path) -> None:
+    llm.collective_rpc("profile", kwargs={"is_start": True, "trace_dir": str(tmp_path)})
+    _ids(llm)
+    llm.collective_rpc("profile", kwargs={"is_start": False})
+    assert list(tmp_path.rglob("*.json")) or list(tmp_path.rglob("*.pt.trace.json*"))
