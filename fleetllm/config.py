@@ -242,6 +242,29 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_parallel_sizes(mc: ModelConfig, tp: int, pp: int) -> None:
+    """Tensor parallel splits heads and MLP columns; pipeline parallel splits layers."""
+    heads, kv, inter, layers = (mc.num_attention_heads, mc.num_key_value_heads,
+                                mc.intermediate_size, mc.num_hidden_layers)
+
+    def tp_ok(t: int) -> bool:
+        return heads % t == 0 and inter % t == 0 and (kv % t == 0 or t % kv == 0)
+
+    if not tp_ok(tp):
+        good = [t for t in range(1, heads + 1) if tp_ok(t)]
+        raise ConfigurationError(
+            f"tensor_parallel_size={tp} does not split this model evenly (num_attention_heads="
+            f"{heads}, num_key_value_heads={kv}, intermediate_size={inter}); sizes that work: "
+            f"{good}"
+        )
+    if layers % pp:
+        good = [p for p in range(1, layers + 1) if layers % p == 0]
+        raise ConfigurationError(
+            f"pipeline_parallel_size={pp} does not divide num_hidden_layers={layers}; sizes "
+            f"that work: {good}"
+        )
+
+
 def _positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ConfigurationError(f"{name}={value!r} must be a positive integer")
@@ -285,6 +308,8 @@ class EngineArgs:
             os.fspath(self.model), self.dtype, self.max_model_len, self.seed,
             self.skip_tokenizer_init,
         )
+        check_parallel_sizes(model_config, self.tensor_parallel_size,
+                             self.pipeline_parallel_size)
         max_len = model_config.max_model_len
         batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
         backend = self.distributed_executor_backend

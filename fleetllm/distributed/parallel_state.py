@@ -46,3 +46,37 @@ class ParallelContext:
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         torch.distributed.all_gather(parts, x.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=dim)
+
+
+def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str,
+                     device: torch.device, timeout_s: float = 600.0) -> ParallelContext:
+    """Joins the process group and builds this rank's TP group (ranks of one pipeline stage).
+
+    Rank r is tensor rank r % tp and pipeline stage r // tp. Every rank creates every group
+    in the same order, as torch.distributed requires.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    world = tp_size * pp_size
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    tp_group = None
+    for stage in range(pp_size):
+        ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            tp_group = group
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return ParallelContext(rank % tp_size, tp_size, rank // tp_size, pp_size, tp_group, None,
+                           cpu_group)
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

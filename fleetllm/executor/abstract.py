@@ -64,6 +64,10 @@ class Executor(ABC):
             from fleetllm.executor.uniproc import UniProcExecutor
 
             cls = UniProcExecutor
+        elif backend == "mp":
+            from fleetllm.executor.multiproc import MultiprocExecutor
+
+            cls = MultiprocExecutor
         elif backend in BACKENDS:
             raise ValueError(
                 f"distributed_executor_backend={backend!r} is not available in this build yet; "

@@ -76,6 +76,9 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget,
                           max_len - req.num_computed_tokens)
+            if num_new <= 0:  # its last step is still in flight (pipeline parallel)
+                i += 1
+                continue
             while (new_block_ids := self.kv.allocate_slots(req, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fleetllm.config import EngineConfig
+from fleetllm.distributed.comm import recv_from_prev_stage, send_to_next_stage
 from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.model.layers.attention import AttentionMetadata, PrefillMetadata
 from fleetllm.model.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
@@ -125,13 +126,25 @@ class ModelRunner:
         states = [self.requests[r] for r in order]
         inputs = self._prepare_inputs(states, [num_sched[r] for r in order])
         input_ids, positions, meta, logits_idx, sample_rows = inputs
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        pc = self.pc
+        hidden_in = None
+        if not pc.is_first_pp_rank:
+            hidden_in = recv_from_prev_stage(
+                pc, (input_ids.shape[0], self.config.model_config.hidden_size), self.dtype,
+                self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, hidden_in)
+        if not pc.is_last_pp_rank:
+            send_to_next_stage(pc, hidden)
+            return EMPTY_MODEL_RUNNER_OUTPUT
         sample_states = [states[i] for i in sample_rows]
-        out = None
-        if sample_states:
-            logits = self.model.compute_logits(hidden.index_select(0, logits_idx))
-            out = self.sampler(logits, self._sampling_metadata(sample_states))
+        # Every tensor rank joins the logits all-gathers; only the output rank samples.
+        logits = (self.model.compute_logits(hidden.index_select(0, logits_idx))
+                  if sample_states else None)
         prompt_lp = self._prompt_logprobs(states, [num_sched[r] for r in order], hidden)
+        if pc.tp_rank != 0:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        out = (self.sampler(logits, self._sampling_metadata(sample_states))
+               if sample_states else None)
         return self._make_output(order, sample_rows, out, sample_states, prompt_lp)
 
     def _prepare_inputs(self, states: list[CachedRequestState], counts: list[int]):

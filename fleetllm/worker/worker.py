@@ -13,7 +13,7 @@ import psutil
 import torch
 
 from fleetllm.config import DEFAULT_KV_CACHE_RAM_FRACTION, EngineConfig
-from fleetllm.distributed.parallel_state import ParallelContext
+from fleetllm.distributed.parallel_state import ParallelContext, init_distributed
 from fleetllm.errors import OutOfMemoryError
 from fleetllm.model.loader import SHARDED_STATE_PATTERN
 from fleetllm.sched.output import KVCacheConfig, KVCacheSpec, ModelRunnerOutput, SchedulerOutput
@@ -56,6 +56,11 @@ class Worker(WorkerBase):
             torch.cuda.set_device(self.device)
         else:
             self._init_cpu()
+        pcfg = self.config.parallel_config
+        if pcfg.world_size > 1:
+            self.pc = init_distributed(self.rank, pcfg.tensor_parallel_size,
+                                       pcfg.pipeline_parallel_size,
+                                       self.distributed_init_method, self.device)
         self.model_runner = ModelRunner(self.config, self.pc, self.device)
 
     def _init_cpu(self) -> None:

@@ -1,0 +1,92 @@
+"""The main loop of one worker process of the MultiprocExecutor."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from fleetllm.executor import rpc
+from fleetllm.executor.shm_queue import Handle, MessageQueue, QueueAbortedError
+from fleetllm.worker.worker_base import WorkerWrapperBase, resolve_obj_by_qualname
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN = b"__fleetllm_shutdown__"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
+    # PDEATHSIG fires when the creating thread exits, so it is only used when the parent
+    # created us from its main thread; the parent-pid check in the wait loop covers the rest.
+    if use_pdeathsig and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def worker_main(config: Any, rank: int, local_rank: int, init_method: str, handle: Handle,
+                ready_pipe: Any, parent_pid: int, use_pdeathsig: bool, worker_cls: str) -> None:
+    _die_with_parent(parent_pid, use_pdeathsig)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
+    broadcast = responses = None
+    wrapper = WorkerWrapperBase(rpc_rank=rank, worker_cls=worker_cls)
+    try:
+        wrapper.init_worker(config, local_rank=local_rank, rank=rank,
+                            distributed_init_method=init_method,
+                            is_driver_worker=rank == 0)
+        broadcast = MessageQueue.create_from_handle(handle, rank)
+        responses = MessageQueue(1, max_chunk_bytes=1 << 22, max_chunks=8)
+        ready_pipe.send({"handle": responses.export_handle()})
+        ready_pipe.close()
+        parent_gone = lambda: os.getppid() != parent_pid  # noqa: E731
+        broadcast.wait_until_ready(timeout=60, should_abort=parent_gone)
+        responses.wait_until_ready(timeout=60, should_abort=parent_gone)
+        _serve(wrapper, rank, broadcast, responses, parent_gone,
+               resolve_obj_by_qualname(worker_cls))
+    except QueueAbortedError:
+        logger.info("parent process is gone; exiting")
+    except Exception as e:  # start-up failed: tell the parent if it is still listening
+        try:
+            ready_pipe.send({"error": f"failed to start: {type(e).__name__}: {e}"})
+        except (OSError, ValueError):
+            pass
+        raise
+    finally:
+        if wrapper.worker is not None:
+            try:
+                wrapper.worker.shutdown()
+            except Exception:
+                logger.exception("worker shutdown failed")
+        from fleetllm.distributed.parallel_state import destroy_distributed
+
+        destroy_distributed()
+        for mq in (broadcast, responses):
+            if mq is not None:
+                mq.close()
+
+
+def _serve(wrapper: WorkerWrapperBase, rank: int, broadcast: MessageQueue,
+           responses: MessageQueue, parent_gone: Any, cls: type) -> None:
+    while True:
+        data = broadcast.dequeue(should_abort=parent_gone)
+        if data == SHUTDOWN:
+            return
+        req = rpc.decode_request(data)
+        try:
+            method, args, kwargs = rpc.unpack_request(req, cls)
+            result = wrapper.execute_method(method, *args, **kwargs)
+            if req.reply_rank >= 0 and req.reply_rank != rank:
+                continue
+            reply = rpc.make_response(req.call_id, rank, result, pickled=bool(req.pickled))
+        except Exception as e:
+            logger.debug("rpc %s failed", req.method or "<callable>", exc_info=True)
+            reply = rpc.make_error(req.call_id, rank, e)
+        responses.enqueue(reply, should_abort=parent_gone)
