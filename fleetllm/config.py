@@ -92,6 +92,7 @@ class ModelConfig:
     generation_config: dict[str, Any]
     seed: int = 0
     skip_tokenizer_init: bool = False
+    max_logprobs: int = 20
 
     @property
     def checkpoint_dtype(self) -> str:
@@ -289,6 +290,7 @@ class EngineArgs:
     distributed_executor_backend: str | type | None = None
     device: str = "auto"
     skip_tokenizer_init: bool = False
+    max_logprobs: int = 20
 
     def create_engine_config(self) -> EngineConfig:
         if self.model is None:
@@ -308,6 +310,9 @@ class EngineArgs:
             os.fspath(self.model), self.dtype, self.max_model_len, self.seed,
             self.skip_tokenizer_init,
         )
+        _positive("max_logprobs", self.max_logprobs)
+        model_config = dataclasses.replace(
+            model_config, max_logprobs=min(self.max_logprobs, model_config.vocab_size))
         check_parallel_sizes(model_config, self.tensor_parallel_size,
                              self.pipeline_parallel_size)
         max_len = model_config.max_model_len

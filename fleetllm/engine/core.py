@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 from fleetllm.config import EngineConfig
@@ -31,6 +33,9 @@ class EngineCore:
             cache_config=dataclasses.replace(config.cache_config, num_gpu_blocks=num_blocks))
         self.scheduler = Scheduler(config.scheduler_config, num_blocks,
                                    config.cache_config.block_size)
+        batches = self.executor.max_concurrent_batches
+        self.batch_queue: deque[tuple[Future[Any], Any]] | None = (
+            deque(maxlen=batches) if batches > 1 else None)
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s", self.startup_seconds)
 
@@ -65,14 +70,33 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
 
     def step(self) -> list[EngineCoreOutput]:
+        if self.batch_queue is not None:
+            return self.step_with_batch_queue()
         if not self.scheduler.has_unfinished_requests():
             return []
         sched_out = self.scheduler.schedule()
         runner_out = self.executor.execute_model(sched_out)
         return self.scheduler.update_from_output(sched_out, runner_out)
+
+    def step_with_batch_queue(self) -> list[EngineCoreOutput]:
+        """Keeps up to max_concurrent_batches steps in flight, so pipeline stages overlap:
+        schedule while there is room, else wait for the oldest batch."""
+        queue = self.batch_queue
+        if len(queue) < queue.maxlen and self.scheduler.has_unfinished_requests():
+            sched_out = self.scheduler.schedule()
+            if sched_out.total_num_scheduled_tokens > 0:
+                queue.append((self.executor.execute_model(sched_out, non_block=True), sched_out))
+                if len(queue) < queue.maxlen:
+                    return []
+            else:
+                self.scheduler.finished_req_ids[:0] = sched_out.finished_req_ids
+        if not queue:
+            return []
+        future, sched_out = queue.popleft()
+        return self.scheduler.update_from_output(sched_out, future.result())
 
     def collective_rpc(self, method: Any, timeout: float | None = None, args: tuple = (),
                        kwargs: dict[str, Any] | None = None) -> list[Any]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from fleetllm.engine.tokenizer import Tokenizer
 from fleetllm.sampling_params import SamplingParams
-from fleetllm.sched.output import EngineCoreOutput
+from fleetllm.sched.output import EngineCoreOutput, PromptLogprobs
 
 
 @dataclass
@@ -60,7 +60,8 @@ class _Parent:
     outputs: list[CompletionOutput]
     num_unfinished: int
     num_cached_tokens: int = 0
-    prompt_logprobs: list[float] = field(default_factory=list)
+    # position -> {token id: Logprob}; a recomputed chunk (after preemption) overwrites
+    prompt_logprobs: dict[int, dict[int, Logprob]] = field(default_factory=dict)
     want_prompt_logprobs: bool = False
 
 
@@ -101,8 +102,7 @@ class OutputProcessor:
                 continue
             parent = child.parent
             if eo.prompt_logprobs is not None:
-                parent.prompt_logprobs.extend(eo.prompt_logprobs)
-                parent.num_cached_tokens = max(parent.num_cached_tokens, eo.num_cached_tokens)
+                self._add_prompt_logprobs(parent, eo.prompt_logprobs)
             stopped_by_string = self._append(child, eo)
             out = child.output
             if stopped_by_string and not eo.finished:
@@ -125,6 +125,10 @@ class OutputProcessor:
                 self._add_logprobs(out, *eo.new_logprobs[j])
             if child.stream is None:
                 continue
+            if (j == len(eo.new_token_ids) - 1 and eo.finish_reason == "stop"
+                    and not isinstance(eo.stop_reason, str)
+                    and not child.params.include_stop_str_in_output):
+                continue  # an eos or stop token id ends the text without adding to it
             piece = child.stream.step(self.tokenizer.tokenizer, tok)
             if not piece:
                 continue
@@ -149,20 +153,33 @@ class OutputProcessor:
 
     def _add_logprobs(self, out: CompletionOutput, ids: list[int], lps: list[float],
                       rank: int) -> None:
-        decode = (lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
-                  ) if self.tokenizer is not None else (lambda t: None)
+        decode = self._decoder()
         entry = {ids[0]: Logprob(lps[0], rank, decode(ids[0]))}
         for r, (tok, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
             entry.setdefault(tok, Logprob(lp, r, decode(tok)))
         out.logprobs.append(entry)
         out.cumulative_logprob += lps[0]
 
+    def _add_prompt_logprobs(self, parent: _Parent, plp: PromptLogprobs) -> None:
+        decode = self._decoder()
+        prompt = parent.prompt_token_ids
+        for j, (lp, rank) in enumerate(zip(plp.token_logprobs, plp.ranks)):
+            pos = plp.start + 1 + j
+            entry = {prompt[pos]: Logprob(lp, rank, decode(prompt[pos]))}
+            if plp.top_ids:
+                for r, (tok, tlp) in enumerate(zip(plp.top_ids[j], plp.top_logprobs[j]), 1):
+                    entry.setdefault(tok, Logprob(tlp, r, decode(tok)))
+            parent.prompt_logprobs[pos] = entry
+
+    def _decoder(self):
+        if self.tokenizer is None:
+            return lambda t: None
+        return lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+
     def _request_output(self, parent: _Parent) -> RequestOutput:
         prompt_lp = None
         if parent.want_prompt_logprobs:
-            prompt_lp = [None] + [
-                {tok: Logprob(lp)} for tok, lp in zip(parent.prompt_token_ids[1:],
-                                                      parent.prompt_logprobs)
-            ]
+            prompt_lp = [None] + [parent.prompt_logprobs.get(i)
+                                  for i in range(1, len(parent.prompt_token_ids))]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
                              parent.outputs, True, parent.num_cached_tokens, prompt_lp)

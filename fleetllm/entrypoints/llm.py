@@ -72,9 +72,16 @@ class LLM:
                                  "prompts; pass one, or one per prompt")
         # Validate everything before adding anything, so a bad prompt leaves no half-batch.
         inputs = [self._tokenize(p, i) for i, p in enumerate(prompts)]
+        max_lp = self.config.model_config.max_logprobs
         for params in params_list:
             if not isinstance(params, SamplingParams):
                 raise TypeError(f"sampling_params must be SamplingParams, got {type(params)}")
+            for name in ("logprobs", "prompt_logprobs"):
+                value = getattr(params, name)
+                if value is not None and value > max_lp:
+                    raise ValueError(f"{name}={value} is more than this engine returns "
+                                     f"(max_logprobs={max_lp}); ask for fewer or create the LLM "
+                                     "with a larger max_logprobs")
         request_ids = [self._add_request(text, ids, params)
                        for (text, ids), params in zip(inputs, params_list)]
         return self._run(request_ids, use_tqdm)

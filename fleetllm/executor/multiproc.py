@@ -24,7 +24,7 @@ from typing import Any
 from fleetllm.errors import CommunicationTimeoutError, WorkerCrashedError
 from fleetllm.executor import rpc
 from fleetllm.executor.abstract import Executor, FailureCallback
-from fleetllm.executor.shm_queue import MessageQueue
+from fleetllm.executor.shm_queue import MessageQueue, reclaim_orphan
 from fleetllm.executor.worker_proc import SHUTDOWN, worker_main
 from fleetllm.worker.worker_base import resolve_obj_by_qualname
 
@@ -125,7 +125,9 @@ class MultiprocExecutor(Executor):
                     try:
                         ready = pipe.recv()
                     except EOFError:
-                        ready = {"error": "closed its start-up pipe"}
+                        ready = {"error": "exited during start-up (its error is in the log "
+                                 "above; a script that starts engines must guard its entry "
+                                 "point with `if __name__ == '__main__':`)"}
                 elif not proc.is_alive():
                     ready = {"error": f"exited with code {proc.exitcode} during start-up"}
                 elif time.monotonic() > deadline:
@@ -150,15 +152,17 @@ class MultiprocExecutor(Executor):
         dead = [sentinels[s] for s in ready if s in sentinels]
         rank, proc = dead[0]
         proc.join(1.0)
-        self._failure = WorkerCrashedError(
+        failure = WorkerCrashedError(
             f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}; the "
             "executor cannot continue: shut it down and start a new engine")
-        logger.error("%s", self._failure)
+        logger.error("%s", failure)
+        # Callbacks first, so whoever sees the failure also sees its consequences.
         for callback in self._failure_callbacks:
             try:
                 callback()
             except Exception:
                 logger.exception("failure callback raised")
+        self._failure = failure
 
     def register_failure_callback(self, callback: FailureCallback) -> None:
         if self._failure is not None:
@@ -242,8 +246,24 @@ class MultiprocExecutor(Executor):
             pause = min(pause * 2 or 2e-5, 1e-3)
         with self._lock:
             self._calls.pop(call.call_id, None)
+        if call.error is not None and not isinstance(call.error, WorkerCrashedError):
+            call.error = self._crash_behind(call.error)
         if call.error is not None and not return_exceptions:
             raise call.error
+
+    def _crash_behind(self, error: BaseException) -> BaseException:
+        """A peer's death usually reaches a surviving rank first as a communication error;
+        report it as the crash it is."""
+        if all(p.is_alive() for p in self.procs):
+            return error
+        deadline = time.monotonic() + 1.0
+        while self._failure is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self._failure is None:
+            return error
+        crash = WorkerCrashedError(str(self._failure).split("] ", 1)[-1])
+        crash.__cause__ = error
+        return crash
 
     def _poll_once(self) -> bool:
         got = False
@@ -259,8 +279,11 @@ class MultiprocExecutor(Executor):
 
     def _route(self, resp: rpc.RpcResponse) -> None:
         call = self._calls.get(resp.call_id)
-        if call is None:
-            return  # a reply to a call that timed out
+        if call is None:  # a reply to a call that timed out or already completed
+            if resp.error is not None:
+                logger.error("worker rank %d failed call %d after it had completed: %s: %s",
+                             resp.rank, resp.call_id, resp.error.type_name, resp.error.message)
+            return
         if resp.error is not None:
             error = rpc.rebuild_error(resp.error, resp.rank)
             if resp.rank in call.expect:
@@ -307,6 +330,9 @@ class MultiprocExecutor(Executor):
                 p.join(2.0)
         for mq in self.response_mqs:
             mq.close()
+        for proc, mq in zip(self.procs, self.response_mqs):
+            if proc.exitcode != 0 and reclaim_orphan(mq.handle):
+                logger.info("reclaimed the reply queue of worker pid %d", proc.pid)
         self.rpc_broadcast_mq.close()
         if hasattr(self, "_monitor"):
             self._monitor.join(2.0)

@@ -182,6 +182,7 @@ class MessageQueue:
                     shm.buf, ctx, sock)
         self._subscribed: set[int] = set()
         self._ready = False
+        self._ipc_dir = ipc_dir
         # multiprocessing's Finalize rather than weakref.finalize: it also runs when a
         # spawned worker returns (multiprocessing skips atexit there), and never in a
         # forked child, which must not unlink its parent's segment.
@@ -247,9 +248,10 @@ class MessageQueue:
                          should_abort: Callable[[], bool] | None = None) -> None:
         """Writer: wait until every reader is subscribed to the overflow channel.
 
-        enqueue does this itself before the first overflow message, so calling it is only
-        needed to fail early; on a reader it returns at once (the reader's subscription is
-        sent when it attaches).
+        enqueue does this itself before the first overflow message. Calling it at startup
+        fails early instead, and removes the ipc socket file once every reader is connected,
+        so a writer that is killed later leaves nothing in /tmp. On a reader it returns at
+        once (the reader's subscription is sent when it attaches).
         """
         self._check_open()
         if self.is_writer and not self._ready:
@@ -294,6 +296,10 @@ class MessageQueue:
             _check_waiting(deadline, should_abort,
                            f"for {n - len(self._subscribed)} readers to attach")
         self._ready = True
+        if self._ipc_dir is not None:
+            # Every reader is connected and none will reconnect, so the file is not needed;
+            # removing it now keeps a killed writer from leaving it behind.
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     def _note_subscription(self, msg: bytes) -> None:
         # Byte 0 is 1 for subscribe, 0 for unsubscribe (a reader closing); only the rank
@@ -387,3 +393,19 @@ def _check_waiting(deadline: float | None, should_abort: Callable[[], bool] | No
         raise CommunicationTimeoutError(f"timed out waiting {what}")
     if should_abort is not None and should_abort():
         raise QueueAbortedError(f"aborted while waiting {what}")
+
+
+def reclaim_orphan(handle: Handle) -> bool:
+    """Unlinks the segment of a writer that died without closing (e.g. a SIGKILLed worker),
+    and drops it from the resource tracker spawned children share with us, which would
+    otherwise warn about it and unlink it at exit. Returns True if something was reclaimed."""
+    import _posixshmem
+
+    try:
+        _posixshmem.shm_unlink("/" + handle.shm_name)
+    except FileNotFoundError:
+        return False
+    resource_tracker.unregister("/" + handle.shm_name, "shared_memory")
+    if handle.overflow_addr.startswith("ipc://"):
+        shutil.rmtree(os.path.dirname(handle.overflow_addr[len("ipc://"):]), ignore_errors=True)
+    return True

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from fleetllm.executor import rpc
-from fleetllm.executor.shm_queue import Handle, MessageQueue, QueueAbortedError
+from fleetllm.executor.shm_queue import Handle, MessageQueue, QueueAbortedError, reclaim_orphan
 from fleetllm.worker.worker_base import WorkerWrapperBase, resolve_obj_by_qualname
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
     # created us from its main thread; the parent-pid check in the wait loop covers the rest.
     if use_pdeathsig and sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         except OSError:
             pass
     if os.getppid() != parent_pid:
@@ -33,8 +33,11 @@ def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
 
 def worker_main(config: Any, rank: int, local_rank: int, init_method: str, handle: Handle,
                 ready_pipe: Any, parent_pid: int, use_pdeathsig: bool, worker_cls: str) -> None:
-    _die_with_parent(parent_pid, use_pdeathsig)
+    # SIGTERM (from shutdown, or from PDEATHSIG) unwinds through the finally below, so the
+    # worker still removes what it created.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent(parent_pid, use_pdeathsig)
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
     broadcast = responses = None
     wrapper = WorkerWrapperBase(rpc_rank=rank, worker_cls=worker_cls)
@@ -60,17 +63,32 @@ def worker_main(config: Any, rank: int, local_rank: int, init_method: str, handl
             pass
         raise
     finally:
-        if wrapper.worker is not None:
-            try:
-                wrapper.worker.shutdown()
-            except Exception:
-                logger.exception("worker shutdown failed")
-        from fleetllm.distributed.parallel_state import destroy_distributed
+        _cleanup(wrapper, rank, parent_pid, handle, broadcast, responses)
 
-        destroy_distributed()
-        for mq in (broadcast, responses):
-            if mq is not None:
-                mq.close()
+
+def _cleanup(wrapper: WorkerWrapperBase, rank: int, parent_pid: int, handle: Handle,
+             broadcast: MessageQueue | None, responses: MessageQueue | None) -> None:
+    """Each step on its own: a failing one (a dead peer breaks the process group) must not
+    keep the queues from being removed."""
+    from fleetllm.distributed.parallel_state import destroy_distributed
+
+    steps = [
+        lambda: wrapper.worker.shutdown() if wrapper.worker is not None else None,
+        destroy_distributed,
+        lambda: responses.close() if responses is not None else None,
+        lambda: broadcast.close() if broadcast is not None else None,
+        # nobody else is left to remove the parent's segment
+        lambda: reclaim_orphan(handle) if rank == 0 and os.getppid() != parent_pid else None,
+    ]
+    for step in steps:
+        try:
+            step()
+        except BaseException:  # noqa: BLE001 - keep cleaning up whatever happened
+            logger.debug("cleanup step failed", exc_info=True)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _serve(wrapper: WorkerWrapperBase, rank: int, broadcast: MessageQueue,

@@ -48,13 +48,23 @@ class LogprobsLists(msgspec.Struct, array_like=True):
     sampled_token_ranks: list[int]
 
 
+class PromptLogprobs(msgspec.Struct, array_like=True):
+    """Logprobs of prompt positions start+1 .. start+len given the tokens before them: the
+    prompt token's own logprob and rank, and the top-k ids and logprobs at each position."""
+
+    start: int
+    token_logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
 class ModelRunnerOutput(msgspec.Struct, array_like=True):
     req_ids: list[str]
     req_id_to_index: dict[str, int]
     sampled_token_ids: list[list[int]]  # empty list: a prefill chunk that did not finish
     logprobs: LogprobsLists | None = None
-    # req_id -> (token ids, logprob of each prompt token given the previous ones)
-    prompt_logprobs: dict[str, list[float]] = msgspec.field(default_factory=dict)
+    prompt_logprobs: dict[str, PromptLogprobs] = msgspec.field(default_factory=dict)
 
 
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [])
@@ -65,7 +75,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     new_token_ids: list[int]
     # one entry per new token: (token ids, logprobs, rank of the sampled token)
     new_logprobs: list[tuple[list[int], list[float], int]] | None = None
-    prompt_logprobs: list[float] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0

@@ -24,6 +24,7 @@ from fleetllm.sched.output import (
     LogprobsLists,
     ModelRunnerOutput,
     NewRequestData,
+    PromptLogprobs,
     SchedulerOutput,
 )
 
@@ -269,27 +270,33 @@ class ModelRunner:
         return torch.from_numpy(arr).to(self.device)
 
     def _prompt_logprobs(self, states: list[CachedRequestState], counts: list[int],
-                         hidden: torch.Tensor) -> dict[str, list[float]]:
+                         hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
         """Logprob of each prompt token given the ones before it, for the scheduled chunk."""
-        result: dict[str, list[float]] = {}
+        result: dict[str, PromptLogprobs] = {}
         offset = 0
         for s, cnt in zip(states, counts):
             start = s.num_computed_tokens
-            if s.params.prompt_logprobs is not None and start < s.num_prompt_tokens:
+            k = s.params.prompt_logprobs
+            if k is not None and start < s.num_prompt_tokens:
                 end = min(start + cnt, s.num_prompt_tokens - 1)
-                lps: list[float] = []
+                out = PromptLogprobs(start, [], [], [], [])
                 if end > start:
-                    rows = hidden[offset:offset + end - start]
-                    logits = self.model.compute_logits(rows).log_softmax(dim=-1)
+                    lp = self.model.compute_logits(hidden[offset:offset + end - start])
+                    lp = lp.log_softmax(dim=-1)
                     targets = torch.tensor(s.token_ids[start + 1:end + 1], device=self.device)
-                    lps = logits.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-                result[s.req_id] = lps
+                    chosen = lp.gather(1, targets.unsqueeze(1))
+                    out.token_logprobs = chosen.squeeze(1).tolist()
+                    out.ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+                    if k:
+                        top_lp, top_ids = lp.topk(k, dim=-1)
+                        out.top_ids, out.top_logprobs = top_ids.tolist(), top_lp.tolist()
+                result[s.req_id] = out
             offset += cnt
         return result
 
     def _make_output(self, order: list[str], sample_rows: list[int], out: SamplerOutput | None,
                      sample_states: list[CachedRequestState],
-                     prompt_lp: dict[str, list[float]]) -> ModelRunnerOutput:
+                     prompt_lp: dict[str, PromptLogprobs]) -> ModelRunnerOutput:
         sampled: list[list[int]] = [[] for _ in order]
         logprobs = None
         if out is not None:

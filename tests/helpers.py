@@ -1,0 +1,98 @@
+"""Shared helpers for the fleetllm tests: engine construction, prompts, transformers references."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fleetllm import LLM, SamplingParams
+
+VOCAB = 300  # the vocabulary of conftest's tiny checkpoints
+BLOCK_SIZE = 16
+# Eight prompt lengths from 3 to 100, so batches mix short and long prefills.
+LENGTHS = (3, 9, 17, 30, 41, 64, 77, 100)
+
+
+def make_llm(model: str | Path, **kwargs: Any) -> LLM:
+    """An LLM on one CPU thread.
+
+    Unless OMP_NUM_THREADS is set, the worker calls torch.set_num_threads(<cores>) when it
+    starts; on a shared machine that oversubscribes the cores and makes every step of these
+    tiny models ~100x slower, so the tests keep the process on one thread.
+    """
+    llm = LLM(str(model), **kwargs)
+    torch.set_num_threads(1)
+    return llm
+
+
+def random_prompts(lengths: tuple[int, ...] = LENGTHS, seed: int = 0,
+                   vocab: int = VOCAB) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def greedy(max_tokens: int = 32, **kwargs: Any) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
+
+
+def token_prompts(prompts: list[list[int]]) -> list[dict[str, list[int]]]:
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def generate_ids(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[list[int]]:
+    outs = llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@functools.lru_cache(maxsize=16)
+def hf_model(model_dir: str, dtype: torch.dtype = torch.float32):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.eval()
+
+
+def hf_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int = 32,
+              dtype: torch.dtype = torch.float32) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, one prompt at a time (no padding)."""
+    model = hf_model(str(model_dir), dtype)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            seq = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=None, pad_token_id=0)
+            out.append(seq[0, len(p):].tolist())
+    return out
+
+
+def hf_logprobs(model_dir: str | Path, token_ids: list[int],
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[len(token_ids), vocab] float32 log_softmax of transformers' logits; row i predicts i+1."""
+    model = hf_model(str(model_dir), dtype)
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, fn: Callable[[dict[str, Any]], None]) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def kv_block_bytes(num_layers: int = 2, num_kv_heads: int = 2, head_dim: int = 16,
+                   itemsize: int = 4, block_size: int = BLOCK_SIZE) -> int:
+    """Bytes of one KV-cache block over all layers (K and V)."""
+    return 2 * block_size * num_kv_heads * head_dim * itemsize * num_layers
