@@ -72,13 +72,14 @@ def _cleanup(wrapper: WorkerWrapperBase, rank: int, parent_pid: int, handle: Han
     keep the queues from being removed."""
     from fleetllm.distributed.parallel_state import destroy_distributed
 
+    # Shared memory first: tearing down the process group can block on a dying peer.
     steps = [
-        lambda: wrapper.worker.shutdown() if wrapper.worker is not None else None,
-        destroy_distributed,
         lambda: responses.close() if responses is not None else None,
         lambda: broadcast.close() if broadcast is not None else None,
         # nobody else is left to remove the parent's segment
         lambda: reclaim_orphan(handle) if rank == 0 and os.getppid() != parent_pid else None,
+        lambda: wrapper.worker.shutdown() if wrapper.worker is not None else None,
+        destroy_distributed,
     ]
     for step in steps:
         try:

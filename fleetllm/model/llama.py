@@ -35,7 +35,7 @@ def layer_range(num_layers: int, pc: ParallelContext) -> tuple[int, int]:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, pc: ParallelContext,
-                 rotary: RotaryEmbedding) -> None:
+                 rotary: RotaryEmbedding, layer: int) -> None:
         super().__init__()
         d = cfg.head_dim
         self.num_heads = cfg.num_attention_heads // pc.tp_size
@@ -49,7 +49,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.split = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
         self.head_dim = d
-        self.attn = TorchAttentionBackend(self.num_heads, self.num_kv_heads, d, d**-0.5)
+        self.attn = TorchAttentionBackend(self.num_heads, self.num_kv_heads, d, d**-0.5, layer)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -80,9 +80,9 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, pc: ParallelContext,
-                 rotary: RotaryEmbedding) -> None:
+                 rotary: RotaryEmbedding, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, dtype, pc, rotary)
+        self.self_attn = Attention(cfg, dtype, pc, rotary, layer)
         self.mlp = MLP(cfg, dtype, pc)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -113,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
         if pc.is_first_pp_rank:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, pc)
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(cfg, dtype, pc, rotary)
+            str(i): DecoderLayer(cfg, dtype, pc, rotary, i)
             for i in range(self.start_layer, self.end_layer)
         })
         if pc.is_last_pp_rank:

@@ -13,7 +13,7 @@ import torch
 from fleetllm.config import EngineConfig
 from fleetllm.distributed.comm import recv_from_prev_stage, send_to_next_stage
 from fleetllm.distributed.parallel_state import ParallelContext
-from fleetllm.model.layers.attention import AttentionMetadata, PrefillMetadata
+from fleetllm.model.layers.attention import AttentionMetadata, DecodeStaging, PrefillMetadata
 from fleetllm.model.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from fleetllm.model.loader import TORCH_DTYPES, load_model
 from fleetllm.sampling_params import SamplingParams
@@ -68,6 +68,8 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.kv_caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sampler = Sampler(mc.seed)
+        self.staging: DecodeStaging | None = None
+        self.staging_budget = 0
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -86,6 +88,8 @@ class ModelRunner:
         shape = (kv_config.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
         per = math.prod(shape)
         flat = lazy_zeros(2 * per * len(layers), self.dtype, self.device)
+        # The decode staging copy may use up to half the KV cache's size again.
+        self.staging_budget = per * len(layers) * flat.element_size()
         self.kv_caches = {
             layer: (flat[2 * j * per:(2 * j + 1) * per].view(shape),
                     flat[(2 * j + 1) * per:(2 * j + 2) * per].view(shape))
@@ -94,6 +98,7 @@ class ModelRunner:
 
     def release_kv_cache(self) -> None:
         self.kv_caches = {}
+        self.staging = None
         self.requests.clear()
 
     # ---- one step ---------------------------------------------------------------------
@@ -179,10 +184,13 @@ class ModelRunner:
         t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
         positions_t = t(positions)
         decode_table = decode_bias = None
+        staging = self._staging(states[:num_decodes], starts[:num_decodes], max_blocks * bs)
         if num_decodes:
             decode_table = t(block_table[:num_decodes])
             lens = seq_lens[:num_decodes]
-            key_pos = np.arange(max_blocks * bs)
+            # With a staging copy, attention spans its whole capacity (contiguous operands
+            # for the matmuls); the mask hides the unused tail.
+            key_pos = np.arange(staging.capacity if staging else max_blocks * bs)
             allowed = key_pos[None, :] < lens[:, None]
             if self.sliding_window:
                 allowed &= key_pos[None, :] > (lens - 1 - self.sliding_window)[:, None]
@@ -192,11 +200,38 @@ class ModelRunner:
         if num_decodes < n:
             prefill = self._prefill_meta(starts[num_decodes:], counts_np[num_decodes:],
                                          block_table[num_decodes:], t)
-        meta = AttentionMetadata(t(slots), num_decodes, decode_table, decode_bias, prefill)
+        meta = AttentionMetadata(t(slots), num_decodes, decode_table, decode_bias, prefill,
+                                 staging)
         # Logits only for the last token of sequences whose known tokens are all computed.
         sample_rows = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]
         logits_idx = t(cu[1:][sample_rows] - 1)
         return t(token_ids), positions_t, meta, logits_idx, sample_rows
+
+    def _staging(self, states: list[CachedRequestState], starts: np.ndarray,
+                 length: int) -> DecodeStaging | None:
+        """Reuses last step's contiguous K/V copy when the decode batch is the same requests,
+        each exactly one token further; otherwise marks it for a rebuild."""
+        if not states or not self.kv_caches:
+            self.staging = None
+            return None
+        req_ids = tuple(s.req_id for s in states)
+        st = self.staging
+        if (st is not None and st.req_ids == req_ids and np.array_equal(st.lens, starts)
+                and length <= st.capacity):
+            st.rebuild = False
+        else:
+            capacity = length + 8 * self.block_size
+            k, v = next(iter(self.kv_caches.values()))
+            per_layer = 2 * len(states) * k.shape[2] * capacity * k.shape[3] * k.element_size()
+            if per_layer * len(self.kv_caches) > self.staging_budget:
+                self.staging = None
+                return None
+            st = DecodeStaging()
+            st.req_ids, st.capacity, st.rebuild = req_ids, capacity, True
+            self.staging = st
+        st.lens = starts + 1
+        st.positions = torch.from_numpy(starts).to(self.device)
+        return st
 
     def _prefill_meta(self, starts: np.ndarray, counts: np.ndarray, block_table: np.ndarray,
                       t) -> PrefillMetadata:

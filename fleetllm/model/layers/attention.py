@@ -28,6 +28,22 @@ class PrefillMetadata:
     bias: torch.Tensor | None = None  # [num_seqs, 1, max_query_len, max_kv_len], 0 or -inf
 
 
+class DecodeStaging:
+    """A contiguous copy of the decode batch's K/V, [batch, kv_heads, capacity, head_dim]
+    per layer, kept across steps while the batch is unchanged: each step then appends one
+    token per sequence instead of gathering every block again, and attention runs as one
+    pair of batched matmuls. The paged cache stays the source of truth; the runner marks the
+    copy stale (rebuild) whenever the batch changes."""
+
+    def __init__(self) -> None:
+        self.req_ids: tuple[str, ...] = ()
+        self.lens = None  # tokens held per sequence after the current step
+        self.capacity = 0
+        self.rebuild = True
+        self.positions: torch.Tensor | None = None  # where this step's token goes
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] slot of each new token's K/V
@@ -35,6 +51,7 @@ class AttentionMetadata:
     decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks]
     decode_bias: torch.Tensor | None  # [num_decodes, 1, 1, max_kv_len], 0 or -inf
     prefill: PrefillMetadata | None
+    staging: DecodeStaging | None = None
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -46,7 +63,9 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
 
 
 class TorchAttentionBackend:
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 layer: int = 0) -> None:
+        self.layer = layer
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.group = num_heads // num_kv_heads
@@ -62,7 +81,9 @@ class TorchAttentionBackend:
         v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
         parts = []
         nd = meta.num_decodes
-        if nd:
+        if nd and meta.staging is not None:
+            parts.append(self._decode_staged(q[:nd], k[:nd], v[:nd], k_cache, v_cache, meta))
+        elif nd:
             parts.append(self._decode(q[:nd], k_cache, v_cache, meta))
         if meta.prefill is not None:
             parts.append(self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill))
@@ -82,6 +103,31 @@ class TorchAttentionBackend:
             values = v_cache[:, :, h].index_select(0, blocks).view(b, -1, d)
             scores = torch.bmm(qg[:, h], keys.transpose(1, 2)).float() + bias
             torch.bmm(scores.softmax(dim=-1).to(q.dtype), values, out=out[:, h])
+        return out.view(b, -1)
+
+    def _decode_staged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor:
+        st = meta.staging
+        b, kvh, g, d = q.shape[0], self.num_kv_heads, self.group, self.head_dim
+        cap = st.capacity
+        if st.rebuild:
+            keys = torch.empty((b, kvh, cap, d), dtype=k_cache.dtype, device=k_cache.device)
+            values = torch.empty_like(keys)
+            gathered = meta.decode_block_table.shape[1] * k_cache.shape[1]
+            for buf, cache in ((keys, k_cache), (values, v_cache)):
+                buf[:, :, :gathered] = _gather(cache, meta.decode_block_table)
+                buf[:, :, gathered:] = 0  # masked, but must be finite: 0 * NaN is NaN
+            st.buffers[self.layer] = (keys, values)
+        else:
+            keys, values = st.buffers[self.layer]
+            rows = torch.arange(b, device=q.device)
+            keys[rows, :, st.positions] = k
+            values[rows, :, st.positions] = v
+        qg = (q * self.scale).view(b * kvh, g, d)
+        scores = torch.bmm(qg, keys.view(b * kvh, cap, d).transpose(1, 2))
+        probs = (scores.float().view(b, kvh, g, cap) + meta.decode_bias).softmax(dim=-1)
+        out = torch.bmm(probs.to(q.dtype).view(b * kvh, g, cap), values.view(b * kvh, cap, d))
         return out.view(b, -1)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
