@@ -64,6 +64,10 @@ class Executor(ABC):
             from fleetllm.executor.uniproc import UniProcExecutor
 
             cls = UniProcExecutor
+        elif backend == "external_launcher":
+            from fleetllm.executor.uniproc import ExecutorWithExternalLauncher
+
+            cls = ExecutorWithExternalLauncher
         elif backend == "mp":
             from fleetllm.executor.multiproc import MultiprocExecutor
 

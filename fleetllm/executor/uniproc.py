@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from fleetllm.errors import CommunicationTimeoutError
+import msgspec
+
+from fleetllm.errors import CommunicationTimeoutError, ConfigurationError
 from fleetllm.executor.abstract import Executor
+from fleetllm.sched.output import ModelRunnerOutput, SchedulerOutput
 from fleetllm.worker.worker_base import WorkerWrapperBase
 
 
@@ -67,3 +72,80 @@ class UniProcExecutor(Executor):
         if self._rpc_thread is not None:
             self._rpc_thread.shutdown(wait=True)
             self._rpc_thread = None
+
+
+class ExecutorWithExternalLauncher(UniProcExecutor):
+    """One worker per process of an external launcher such as torchrun.
+
+    Each process runs its own engine; scheduling is deterministic, so every rank schedules
+    the same steps. The ranks join one process group from the launcher's environment
+    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and the output rank's result
+    of each step is broadcast (msgspec bytes over the gloo group) so all ranks agree.
+    """
+
+    def _init_executor(self) -> None:
+        missing = [v for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+                   if v not in os.environ]
+        if missing:
+            raise ConfigurationError(
+                f"distributed_executor_backend='external_launcher' needs {', '.join(missing)} "
+                "in the environment; start the script with torchrun")
+        world = int(os.environ["WORLD_SIZE"])
+        if world != self.parallel_config.world_size:
+            raise ConfigurationError(
+                f"torchrun started {world} processes but tensor_parallel_size x "
+                f"pipeline_parallel_size = {self.parallel_config.world_size}; make them equal")
+        self._rpc_thread = None
+        self._last = None
+        self.rank = int(os.environ["RANK"])
+        self.driver_worker = WorkerWrapperBase(rpc_rank=self.rank)
+        self.driver_worker.init_worker(self.config, local_rank=int(os.environ["LOCAL_RANK"]),
+                                       rank=self.rank, distributed_init_method="env://",
+                                       is_driver_worker=self.rank == 0)
+        self.collective_rpc("init_device")
+        self.collective_rpc("load_model")
+        self.output_rank = world - self.parallel_config.tensor_parallel_size
+
+    def _cpu_group(self) -> Any:
+        return self.driver_worker.worker.pc.cpu_group
+
+    def determine_available_memory(self) -> list[int]:
+        """The smallest across ranks, so every rank sizes the same KV cache."""
+        import torch
+        import torch.distributed as dist
+
+        mem = torch.tensor(super().determine_available_memory(), dtype=torch.int64)
+        if self._cpu_group() is None:  # a single process: nothing to agree on
+            return mem.tolist()
+        dist.all_reduce(mem, op=dist.ReduceOp.MIN, group=self._cpu_group())
+        return mem.tolist()
+
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      non_block: bool = False) -> Any:
+        start = time.perf_counter()
+        output = self.collective_rpc("execute_model", args=(scheduler_output,))[0]
+        output = self._broadcast_output(output)
+        self.metrics.record(start, scheduler_output.total_num_scheduled_tokens)
+        if non_block:
+            future: Future[Any] = Future()
+            future.set_result(output)
+            return future
+        return output
+
+    def _broadcast_output(self, output: ModelRunnerOutput) -> ModelRunnerOutput:
+        import torch
+        import torch.distributed as dist
+
+        group = self._cpu_group()
+        if group is None:
+            return output
+        data = msgspec.msgpack.encode(output) if self.rank == self.output_rank else b""
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        dist.broadcast(size, src=self.output_rank, group=group)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if data
+               else torch.empty(int(size.item()), dtype=torch.uint8))
+        dist.broadcast(buf, src=self.output_rank, group=group)
+        return _OUTPUT_DECODER.decode(buf.numpy().tobytes())
+
+
+_OUTPUT_DECODER = msgspec.msgpack.Decoder(ModelRunnerOutput)
