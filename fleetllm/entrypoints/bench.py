@@ -86,3 +86,33 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     assert out.shape[1] == args.input_len + args.output_len
     return _report(args, elapsed, startup)
+
+
+def run_rpc(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Round trip of a no-op collective_rpc, at the executor and through LLM."""
+    from fleetllm import LLM
+
+    engine_kwargs = {**engine_kwargs, "distributed_executor_backend": args.backend}
+    llm = LLM(**engine_kwargs)
+    try:
+        executor = llm.engine_core.executor
+        result: dict[str, Any] = {"backend": args.backend, "world_size":
+                                  llm.config.parallel_config.world_size,
+                                  "num_calls": args.num_calls}
+        for where, call in (("executor", lambda: executor.collective_rpc("check_health")),
+                            ("llm", lambda: llm.collective_rpc("check_health"))):
+            for _ in range(min(200, args.num_calls)):
+                call()
+            times = np.empty(args.num_calls)
+            for i in range(args.num_calls):
+                start = time.perf_counter_ns()
+                call()
+                times[i] = time.perf_counter_ns() - start
+            p50, p99 = np.percentile(times / 1e3, [50, 99])
+            result[f"{where}_p50_us"], result[f"{where}_p99_us"] = float(p50), float(p99)
+            print(f"{where:>8} collective_rpc no-op: p50 {p50:.1f} us, p99 {p99:.1f} us")
+    finally:
+        llm.shutdown()
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    return result

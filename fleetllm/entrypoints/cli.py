@@ -128,7 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_throughput_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
+
+    rpc = bench_sub.add_parser("rpc", help="collective_rpc round trip of a no-op")
+    _engine_args(rpc)
+    rpc.add_argument("--backend", choices=["uni", "mp", "ray"], default="mp")
+    rpc.add_argument("--num-calls", type=int, default=2000)
+    rpc.add_argument("--output-json", default=None)
+    rpc.set_defaults(func=lambda a: bench_rpc(a))
     return parser
+
+
+def bench_rpc(a: argparse.Namespace) -> int:
+    from fleetllm.entrypoints import bench
+
+    bench.run_rpc(a, _llm_kwargs(a))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -328,6 +328,10 @@ class MessageQueue:
         self._idx = (self._idx + 1) % self.handle.max_chunks
         return msg
 
+    def poll(self) -> bool:
+        """Whether dequeue would return at once (reader side, never blocks)."""
+        return not self._closed and self._chunk_ready(self._idx * self._stride)
+
     def _chunk_ready(self, off: int) -> bool:
         buf = self._buf
         return buf[off] == 1 and buf[off + 1 + self.rank] == 0
