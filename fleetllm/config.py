@@ -206,6 +206,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
+    # Schedule step N+1 while step N runs; the worker fills in its own sampled tokens.
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,7 @@ class EngineArgs:
     device: str = "auto"
     skip_tokenizer_init: bool = False
     max_logprobs: int = 20
+    async_scheduling: bool = False
 
     def create_engine_config(self) -> EngineConfig:
         if self.model is None:
@@ -326,6 +329,11 @@ class EngineArgs:
                 f"the 'uni' backend runs one worker, but tensor_parallel_size x "
                 f"pipeline_parallel_size = {world}; use distributed_executor_backend='mp' or 'ray'"
             )
+        if self.async_scheduling and world > 1:
+            raise ConfigurationError(
+                "async_scheduling needs a single worker (tensor_parallel_size = "
+                "pipeline_parallel_size = 1): ranks that do not sample would not know the "
+                "token; pipeline parallel already keeps several steps in flight")
         device = self.device
         if device == "auto":
             import torch
@@ -335,7 +343,8 @@ class EngineArgs:
             model_config=model_config,
             cache_config=CacheConfig(self.block_size, self.enable_prefix_caching,
                                      self.kv_cache_memory_bytes),
-            scheduler_config=SchedulerConfig(self.max_num_seqs, batched, max_len),
+            scheduler_config=SchedulerConfig(self.max_num_seqs, batched, max_len,
+                                             self.async_scheduling),
             parallel_config=ParallelConfig(self.tensor_parallel_size,
                                            self.pipeline_parallel_size, backend),
             load_config=LoadConfig(self.load_format),

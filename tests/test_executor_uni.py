@@ -142,3 +142,34 @@ def test_profile_writes_a_trace(llm: LLM, tmp_path: Path) -> None:
     _ids(llm)
     llm.collective_rpc("profile", kwargs={"is_start": False})
     assert list(tmp_path.rglob("*.json")) or list(tmp_path.rglob("*.pt.trace.json*"))
+
+
+@pytest.mark.parametrize("extra", [{}, {"max_num_batched_tokens": 16}])
+def test_async_scheduling_keeps_outputs_and_overlaps_steps(llm: LLM, llama_dir: Path,
+                                                           extra: dict) -> None:
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (1, 7, 12)]
+    params[1] = SamplingParams(temperature=0.9, seed=4, max_tokens=12)
+    ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    engine = LLM(str(llama_dir), kv_cache_memory_bytes=1 << 24, async_scheduling=True, **extra)
+    try:
+        ex = engine.engine_core.executor
+        assert ex.max_concurrent_batches == 2
+        peak = [0]
+        submit = ex.execute_model
+
+        def counting(so, non_block=False):
+            # steps the engine has submitted and not consumed yet, this one included
+            peak[0] = max(peak[0], len(engine.engine_core.batch_queue) + 1)
+            return submit(so, non_block)
+
+        ex.execute_model = counting
+        out = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params, use_tqdm=False)]
+        assert out == ref
+        assert peak[0] == 2, "step N+1 should be scheduled while step N runs"
+    finally:
+        engine.shutdown()
+
+
+def test_async_scheduling_needs_one_worker(llama_dir: Path) -> None:
+    with pytest.raises(ConfigurationError, match="single worker"):
+        LLM(str(llama_dir), async_scheduling=True, tensor_parallel_size=2)

@@ -72,6 +72,10 @@ class Executor(ABC):
             from fleetllm.executor.multiproc import MultiprocExecutor
 
             cls = MultiprocExecutor
+        elif backend == "ray":
+            from fleetllm.executor.ray import RayDistributedExecutor
+
+            cls = RayDistributedExecutor
         elif backend in BACKENDS:
             raise ValueError(
                 f"distributed_executor_backend={backend!r} is not available in this build yet; "

@@ -65,6 +65,11 @@ class UniProcExecutor(Executor):
     def check_health(self) -> None:
         return None
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        """With async scheduling, step N+1 is scheduled while step N runs on the rpc thread."""
+        return 2 if self.scheduler_config.async_scheduling else 1
+
     def shutdown(self) -> None:
         if self.driver_worker.worker is not None:
             self.collective_rpc("shutdown")

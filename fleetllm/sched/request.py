@@ -44,6 +44,8 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # set when first scheduled
         self.num_sent_tokens = 0  # how many token ids the workers have been told about
+        # async scheduling: steps in flight whose sampled token is not back yet
+        self.num_output_placeholders = 0
         # None: this request's blocks are never shared; otherwise only with equal salts.
         self.cache_salt = cache_salt
         self.block_hashes: list[bytes] = []

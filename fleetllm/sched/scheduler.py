@@ -58,6 +58,7 @@ class Scheduler:
 
     def _preempt(self, victim: Request) -> None:
         self.kv.free(victim)
+        victim.num_output_placeholders = 0  # its in-flight outputs will be dropped
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
         self.waiting.appendleft(victim)
@@ -74,10 +75,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget,
+            pending = req.num_output_placeholders
+            num_new = min(req.num_tokens + pending - req.num_computed_tokens, budget,
                           max_len - req.num_computed_tokens)
-            if num_new <= 0:  # its last step is still in flight (pipeline parallel)
-                i += 1
+            if num_new <= 0 or (pending and self._will_finish(req)):
+                i += 1  # its last step is still in flight, or that step will be its last
                 continue
             while (new_block_ids := self.kv.allocate_slots(req, num_new)) is None:
                 victim = self.running.pop()
@@ -118,10 +120,22 @@ class Scheduler:
             req.num_sent_tokens = req.num_tokens
 
         for req_id, n in num_scheduled.items():
-            self.requests[req_id].num_computed_tokens += n
+            req = self.requests[req_id]
+            req.num_computed_tokens += n
+            if self.config.async_scheduling and (
+                    req.num_computed_tokens == req.num_tokens + req.num_output_placeholders):
+                req.num_output_placeholders += 1  # this step samples; the worker keeps it
         finished, self.finished_req_ids = self.finished_req_ids, []
         return SchedulerOutput(new_reqs, cached, num_scheduled,
                                sum(num_scheduled.values()), finished)
+
+    def _will_finish(self, req: Request) -> bool:
+        """Whether the outputs already in flight take the request to max_tokens or
+        max_model_len, so scheduling it again would be wasted."""
+        future = req.num_tokens + req.num_output_placeholders
+        max_tokens = req.sampling_params.max_tokens
+        return future >= self.config.max_model_len or (
+            max_tokens is not None and future - req.num_prompt_tokens >= max_tokens)
 
     def update_from_output(self, sched_out: SchedulerOutput,
                            runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
@@ -141,6 +155,9 @@ class Scheduler:
                 continue
             new_ids: list[int] = []
             for tok in token_ids:
+                if self.config.async_scheduling:
+                    req.num_output_placeholders -= 1
+                    req.num_sent_tokens += 1  # the worker appended it itself
                 req.all_token_ids.append(tok)
                 new_ids.append(tok)
                 if req.check_stop(tok, max_len):

@@ -151,6 +151,9 @@ class ModelRunner:
             return EMPTY_MODEL_RUNNER_OUTPUT
         out = (self.sampler(logits, self._sampling_metadata(sample_states))
                if sample_states else None)
+        if out is not None and self.config.scheduler_config.async_scheduling:
+            for s, tok in zip(sample_states, out.sampled.tolist()):
+                s.token_ids.append(tok)  # the scheduler schedules on before it sees this
         return self._make_output(order, sample_rows, out, sample_states, prompt_lp)
 
     def _prepare_inputs(self, states: list[CachedRequestState], counts: list[int]):
