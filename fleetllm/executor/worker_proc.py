@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from fleetllm.executor import rpc
@@ -77,7 +78,7 @@ def _cleanup(wrapper: WorkerWrapperBase, rank: int, parent_pid: int, handle: Han
         lambda: responses.close() if responses is not None else None,
         lambda: broadcast.close() if broadcast is not None else None,
         # nobody else is left to remove the parent's segment
-        lambda: reclaim_orphan(handle) if rank == 0 and os.getppid() != parent_pid else None,
+        lambda: reclaim_orphan(handle) if rank == 0 and _parent_gone(parent_pid) else None,
         lambda: wrapper.worker.shutdown() if wrapper.worker is not None else None,
         destroy_distributed,
     ]
@@ -85,11 +86,31 @@ def _cleanup(wrapper: WorkerWrapperBase, rank: int, parent_pid: int, handle: Han
         try:
             step()
         except BaseException:  # noqa: BLE001 - keep cleaning up whatever happened
-            logger.debug("cleanup step failed", exc_info=True)
+            logger.warning("cleanup step failed", exc_info=True)
+
+
+_signalled = False
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # PDEATHSIG can fire twice: a killed parent's threads die one by one, and we are first
+    # handed to a sibling thread of the same process. The second must not cut the cleanup
+    # the first one started.
+    global _signalled
+    _signalled = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
+
+
+def _parent_gone(parent_pid: int) -> bool:
+    """True once we have been handed to another process. After a signal the parent may
+    still be dying (its other threads), so give it a moment."""
+    deadline = time.monotonic() + (1.0 if _signalled else 0.0)
+    while os.getppid() == parent_pid:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _serve(wrapper: WorkerWrapperBase, rank: int, broadcast: MessageQueue,
