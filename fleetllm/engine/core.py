@@ -117,6 +117,13 @@ class EngineCore:
     def is_sleeping(self) -> bool:
         return self.executor.is_sleeping
 
+    def get_performance_metrics(self) -> dict[str, Any]:
+        return self.executor.get_performance_metrics()
+
+    def save_sharded_state(self, path: str, pattern: str | None = None,
+                           max_size: int | None = None) -> None:
+        self.executor.save_sharded_state(path, pattern, max_size)
+
     def stats(self) -> dict[str, float]:
         return self.scheduler.stats()
 

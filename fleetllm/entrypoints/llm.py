@@ -33,7 +33,8 @@ class LLM:
     distributed_executor_backend, skip_tokenizer_init, device.
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, *, data_parallel_size: int = 1,
+                 engine_process: bool = False, **kwargs: Any) -> None:
         fields = EngineArgs.__dataclass_fields__
         unknown = sorted(set(kwargs) - set(fields))
         if unknown:
@@ -43,7 +44,14 @@ class LLM:
         self.config = config
         mc = config.model_config
         self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer(mc.model)
-        self.engine_core = EngineCore(config)
+        if not isinstance(data_parallel_size, int) or data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size={data_parallel_size!r} must be an integer >= 1")
+        if engine_process or data_parallel_size > 1:
+            from fleetllm.engine.client import SyncMPClient
+
+            self.engine_core = SyncMPClient(config, data_parallel_size)
+        else:
+            self.engine_core = EngineCore(config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()
 
@@ -193,7 +201,7 @@ class LLM:
                            max_size: int | None = None) -> None:
         """Each worker writes its own shard; load them with load_format='sharded_state'
         from a directory that also holds the checkpoint's config and tokenizer files."""
-        self.engine_core.executor.save_sharded_state(path, pattern, max_size)
+        self.engine_core.save_sharded_state(path, pattern, max_size)
 
     def reset_prefix_cache(self) -> bool:
         return self.engine_core.reset_prefix_cache()
@@ -205,8 +213,9 @@ class LLM:
     def wake_up(self, tags: list[str] | None = None) -> None:
         self.engine_core.wake_up(tags)
 
-    def get_performance_metrics(self) -> dict[str, Any]:
-        return self.engine_core.executor.get_performance_metrics()
+    def get_performance_metrics(self) -> Any:
+        """The executor's metrics (a list, one per engine, with engine processes)."""
+        return self.engine_core.get_performance_metrics()
 
     def get_stats(self) -> dict[str, float]:
         return self.engine_core.stats()

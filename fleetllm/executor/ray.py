@@ -244,14 +244,7 @@ class RayDistributedExecutor(Executor):
                 scheduling_strategy=strategy,
             ).remote(rank, WORKER_CLS, omp_threads)
             self.workers.append(actor)
-        try:
-            infos = ray.get([w.node_info.remote() for w in self.workers],
-                            timeout=STARTUP_TIMEOUT_S)
-        except GetTimeoutError:
-            raise WorkerCrashedError(
-                f"the Ray workers did not start within {STARTUP_TIMEOUT_S:.0f} s") from None
-        except RayActorError as e:
-            raise WorkerCrashedError(f"a Ray worker failed to start: {e}") from e
+        infos = _get_at_startup([w.node_info.remote() for w in self.workers])
         # The sentinels go out first, so a death while loading the model is noticed too.
         self._sentinels = [w.sentinel.remote() for w in self.workers]
         self._monitor = threading.Thread(target=self._monitor_workers, daemon=True,
@@ -265,8 +258,9 @@ class RayDistributedExecutor(Executor):
         host = "127.0.0.1" if all(node == node0 for node, *_ in infos) else ip0
         init_method = f"tcp://{host}:{port}"
         # Ray makes an actor's own GPU its only visible device, so on CUDA it is device 0.
-        ray.get([w.init_worker.remote(self.config, 0 if self._on_cuda else rank, init_method)
-                 for rank, w in enumerate(self.workers)], timeout=STARTUP_TIMEOUT_S)
+        _get_at_startup([w.init_worker.remote(self.config, 0 if self._on_cuda else rank,
+                                              init_method)
+                         for rank, w in enumerate(self.workers)])
         logger.info("started %d Ray workers (pids %s), rendezvous at %s", self.world_size,
                     self._pids, init_method)
 
@@ -277,7 +271,9 @@ class RayDistributedExecutor(Executor):
             try:
                 # The timeout only bounds how long shutdown waits for this thread.
                 ready, _ = ray.wait(list(ranks), num_returns=1, timeout=1.0)
-            except Exception as e:  # Ray itself is gone (ray.shutdown() elsewhere)
+            except BaseException as e:
+                # Ray itself is gone: a ray.shutdown() elsewhere ends a blocked wait with
+                # SystemExit, and the actors died with the session.
                 if not self._closed:
                     self._declare_failure(None, e)
                 return
@@ -294,15 +290,20 @@ class RayDistributedExecutor(Executor):
                          ) -> WorkerCrashedError:
         """The executor's permanent failure; the first caller (the monitor, or a call that
         saw a dead rank first) fires the callbacks, once."""
+        pid = self._pids[rank] if rank is not None and rank < len(self._pids) else "?"
+        who = "the Ray session" if rank is None else f"worker rank {rank} (Ray actor pid {pid})"
         with self._lock:
+            if self._closed and self._failure is None:
+                # shutdown() killed it: nothing to report, but the call still cannot finish.
+                return WorkerCrashedError(f"{who} was stopped by shutdown()")
             if self._failure is None:
-                pid = self._pids[rank] if rank is not None and rank < len(self._pids) else "?"
-                who = "the Ray session" if rank is None else (
-                    f"worker rank {rank} (Ray actor pid {pid})")
-                detail = str(cause).strip().splitlines()[-1] if cause is not None else ""
+                # Ray's last line says why ("...because it was killed by `ray.kill`"); its
+                # full text stays attached as the cause.
+                why = str(cause).strip().splitlines()[-1].split(". ")[0].rstrip(".") if (
+                    cause is not None) else "no details"
                 failure = WorkerCrashedError(
-                    f"{who} died: {detail or 'no details'}; the executor cannot continue: "
-                    "shut it down and start a new engine")
+                    f"{who} died ({why}); the executor cannot continue: shut it down and "
+                    "start a new engine")
                 failure.__cause__ = cause
                 logger.error("%s", failure)
                 # Callbacks first, so whoever sees the failure also sees its consequences.
@@ -434,6 +435,9 @@ class RayDistributedExecutor(Executor):
 
     @property
     def max_concurrent_batches(self) -> int:
+        # Async scheduling (one worker only) keeps step N+1 queued behind step N on the actor.
+        if self.scheduler_config.async_scheduling:
+            return 2
         return self.parallel_config.pipeline_parallel_size
 
     def shutdown(self) -> None:
@@ -462,10 +466,12 @@ class RayDistributedExecutor(Executor):
                 self._resolve(call, 2.0, return_exceptions=True)
             except CommunicationTimeoutError:
                 logger.warning("workers did not finish shutdown() within 2 s; killing them")
-        for worker in self.workers:
-            ray.kill(worker, no_restart=True)
-        if self._sentinels:  # they resolve once Ray has taken the actors down
-            ray.wait(self._sentinels, num_returns=len(self._sentinels), timeout=10)
+        # Without a session the actors are already gone, and ray.wait would start a new one.
+        if ray.is_initialized():
+            for worker in self.workers:
+                ray.kill(worker, no_restart=True)
+            if self._sentinels:  # they resolve once Ray has taken the actors down
+                ray.wait(self._sentinels, num_returns=len(self._sentinels), timeout=10)
         # A failure callback may shut the executor down from the monitor thread itself.
         if hasattr(self, "_monitor") and self._monitor is not threading.current_thread():
             self._monitor.join(2.0)
@@ -473,6 +479,16 @@ class RayDistributedExecutor(Executor):
         if alive:
             logger.warning("Ray worker pids %s outlived their actors", [p.pid for p in alive])
         self.workers = []
+
+
+def _get_at_startup(refs: list[ray.ObjectRef]) -> list[Any]:
+    try:
+        return ray.get(refs, timeout=STARTUP_TIMEOUT_S)
+    except GetTimeoutError:
+        raise WorkerCrashedError(
+            f"the Ray workers did not start within {STARTUP_TIMEOUT_S:.0f} s") from None
+    except RayActorError as e:
+        raise WorkerCrashedError(f"a Ray worker failed to start: {e}") from e
 
 
 def _name(method: Any) -> str:

@@ -1,0 +1,72 @@
+"""Typed messages between front ends and engine-core processes (msgspec; no pickle).
+
+Frames on the input socket: [request type, payload]; on the output socket: one
+EngineCoreOutputs. The start-up handshake uses HandshakeStatus and EngineHandshakeMetadata.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+from fleetllm.sampling_params import SamplingParams
+from fleetllm.sched.output import EngineCoreOutput
+
+
+class EngineCoreRequestType(bytes, enum.Enum):
+    ADD = b"\x00"
+    ABORT = b"\x01"
+    UTILITY = b"\x02"
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int]
+    cache_salt: str | None = ""
+
+
+class UtilityCall(msgspec.Struct, array_like=True):
+    """A call of an EngineCore method (reset_prefix_cache, sleep, collective_rpc, ...)."""
+
+    call_id: int
+    method: str
+    args: list[Any] = msgspec.field(default_factory=list)
+
+
+class UtilityResult(msgspec.Struct, array_like=True):
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    engine_index: int = 0
+    outputs: list[EngineCoreOutput] = msgspec.field(default_factory=list)
+    utility_results: list[UtilityResult] = msgspec.field(default_factory=list)
+    # the scheduler's counts, for load balancing and metrics
+    stats: dict[str, float] = msgspec.field(default_factory=dict)
+    # set when the engine hit an unrecoverable error; the front end fails its requests
+    engine_dead: str | None = None
+
+
+class EngineZmqAddresses(msgspec.Struct, array_like=True):
+    inputs: list[str]
+    outputs: list[str]
+    coordinator_input: str | None = None
+    coordinator_output: str | None = None
+
+
+class EngineHandshakeMetadata(msgspec.Struct, array_like=True):
+    addresses: EngineZmqAddresses
+    parallel_config: dict[str, int | str]
+
+
+class HandshakeStatus(msgspec.Struct):
+    status: str  # "HELLO" | "READY" | "FAILED"
+    local: bool = True
+    num_gpu_blocks: int = 0
+    error: str | None = None

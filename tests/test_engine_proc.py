@@ -1,0 +1,95 @@
+"""Engine cores in their own processes: handshake, data parallel, failures, clean exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from fleetllm import LLM, SamplingParams
+from fleetllm.errors import EngineDeadError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+KV = 1 << 24
+
+
+def _prompts(n: int = 8) -> list[dict]:
+    g = torch.Generator().manual_seed(9)
+    return [{"prompt_token_ids": torch.randint(1, 300, (3 + 11 * i,), generator=g).tolist()}
+            for i in range(n)]
+
+
+def _ours() -> list[psutil.Process]:
+    """Child processes other than multiprocessing's resource tracker (Python's own)."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir: Path) -> list[list[int]]:
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("kwargs", [{"engine_process": True}, {"data_parallel_size": 2}])
+def test_engine_processes_match_in_process(llama_dir: Path, reference: list, kwargs: dict) -> None:
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV, **kwargs)
+    try:
+        out = [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
+        assert out == reference
+        per_engine = llm.engine_core.call_utility("stats")
+        assert len(per_engine) == kwargs.get("data_parallel_size", 1)
+        assert all(s["prefix_cache_queries"] > 0 for s in per_engine), "an engine got no work"
+        assert llm.collective_rpc("get_supported_tasks") == [["generate"]] * len(per_engine)
+        assert llm.reset_prefix_cache()
+        llm.sleep(1)
+        llm.wake_up()
+        assert [o.outputs[0].token_ids for o in llm.generate(_prompts(2), GREEDY,
+                                                             use_tqdm=False)] == reference[:2]
+    finally:
+        llm.shutdown()
+    assert not _ours()
+
+
+def test_engine_that_fails_to_start_reports_its_error(llama_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 96  # the weights say 128
+    (bad / "config.json").write_text(json.dumps(cfg))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"E004.*mlp"):
+        LLM(str(bad), engine_process=True)
+    assert time.monotonic() - start < 60
+    assert not _ours()
+
+
+def test_killed_engine_fails_generate(llama_dir: Path) -> None:
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV, engine_process=True)
+    pid = llm.engine_core.proc_manager.processes[0].pid
+
+    def kill_soon() -> None:
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_soon, daemon=True).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(EngineDeadError, match="exited"):
+            llm.generate(_prompts() * 8, SamplingParams(max_tokens=500, ignore_eos=True),
+                         use_tqdm=False)
+        assert time.monotonic() - start < 10
+    finally:
+        llm.shutdown()
+    assert not _ours()
