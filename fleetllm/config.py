@@ -94,10 +94,6 @@ class ModelConfig:
     skip_tokenizer_init: bool = False
     max_logprobs: int = 20
 
-    @property
-    def checkpoint_dtype(self) -> str:
-        return self.dtype
-
     @staticmethod
     def from_pretrained(model: str, dtype: str = "auto", max_model_len: int | None = None,
                         seed: int = 0, skip_tokenizer_init: bool = False) -> ModelConfig:

@@ -19,8 +19,7 @@ class ParallelContext:
     pp_rank: int = 0
     pp_size: int = 1
     tp_group: Any = None  # torch.distributed.ProcessGroup when tp_size > 1
-    pp_group: Any = None
-    cpu_group: Any = None
+    cpu_group: Any = None  # gloo group of all ranks (CPU-side agreement, e.g. memory)
 
     @property
     def rank(self) -> int:
@@ -71,7 +70,7 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str,
         if rank in ranks:
             tp_group = group
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    return ParallelContext(rank % tp_size, tp_size, rank // tp_size, pp_size, tp_group, None,
+    return ParallelContext(rank % tp_size, tp_size, rank // tp_size, pp_size, tp_group,
                            cpu_group)
 
 
