@@ -1,9 +1,10 @@
-"""The fleetllm command: generate, chat, bench."""
+"""The fleetllm command: generate, chat, serve, bench."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -90,6 +91,12 @@ def cmd_chat(a: argparse.Namespace) -> int:
             print(reply, flush=True)
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from fleetllm.entrypoints.openai.server import run_server
+
+    return run_server(a, _llm_kwargs(a))
+
+
 def cmd_bench_throughput(a: argparse.Namespace) -> int:
     from fleetllm.entrypoints import bench
 
@@ -119,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(chat)
     chat.add_argument("--system", default=None, help="an optional system message")
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    _engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0 exposes the server to the network)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("FLEETLLM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $FLEETLLM_API_KEY)")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="the model name(s) clients use (default: the --model path)")
+    serve.add_argument("--data-parallel-size", type=int, default=1)
+    serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -1,0 +1,356 @@
+"""AsyncLLM: an asyncio front end over engine-core processes, for the OpenAI server.
+
+Requests go out through SyncMPClient's ROUTER socket; outputs come back on an asyncio task
+that reads the PULL socket, detokenizes, and wakes each request's generator. The event loop
+also watches the engine processes' sentinels, so a dead engine fails every waiter at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from fleetllm.config import EngineArgs, EngineConfig
+from fleetllm.engine.client import SyncMPClient
+from fleetllm.engine.messages import EngineCoreRequestType, UtilityCall, UtilityResult
+from fleetllm.engine.output import CompletionOutput, OutputProcessor, RequestOutput
+from fleetllm.engine.tokenizer import Tokenizer
+from fleetllm.errors import EngineDeadError
+from fleetllm.sampling_params import SamplingParams
+from fleetllm.sched.output import EngineCoreOutput
+from fleetllm.sched.request import Request
+
+logger = logging.getLogger(__name__)
+
+EXIT_CODE_WAIT_S = 1.0
+
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class _AsyncMPClient(SyncMPClient):
+    """SyncMPClient's start-up, sends and shutdown, with outputs read by an asyncio task.
+
+    The sync receive paths (step, call_utility) are not used: the task owns the socket."""
+
+    def __init__(self, config: EngineConfig, data_parallel_size: int,
+                 on_outputs: Callable[[list[EngineCoreOutput]], None],
+                 on_dead: Callable[[], None]) -> None:
+        # Set before start-up, whose failure path calls our shutdown.
+        self._on_outputs = on_outputs
+        self._on_dead = on_dead
+        self.dead_reason: str | None = None
+        self._futures: dict[int, asyncio.Future[UtilityResult]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        super().__init__(config, data_parallel_size)
+
+    def start(self) -> None:
+        """Binds to the running loop on first use; later calls do nothing."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._socket = zmq.asyncio.Socket.from_socket(self.output)
+        for proc in self.proc_manager.processes:
+            self._loop.add_reader(proc.sentinel, self._engine_exited, proc)
+        self._task = self._loop.create_task(self._output_loop())
+
+    async def _output_loop(self) -> None:
+        try:
+            while True:
+                msg = self.decoder.decode(await self._socket.recv())
+                if msg.engine_dead:
+                    self.fail(f"engine core {msg.engine_index} failed: {msg.engine_dead}")
+                    return
+                for result in msg.utility_results:
+                    future = self._futures.pop(result.call_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(result)
+                if msg.outputs:
+                    self._on_outputs(self._track(msg.outputs))
+        except Exception as e:  # the front end cannot route outputs any more
+            logger.exception("reading engine outputs failed")
+            self.fail(f"{type(e).__name__}: {e}")
+
+    def _engine_exited(self, proc: BaseProcess) -> None:
+        # The sentinel turns readable as the process ends, a moment before its exit code
+        # can be read.
+        proc.join(EXIT_CODE_WAIT_S)
+        self.fail(f"engine core process {proc.name} exited with code {proc.exitcode}")
+
+    def fail(self, reason: str) -> None:
+        if self.dead_reason is None:
+            logger.error("engine is dead: %s", reason)
+            self._mark_dead(reason)
+
+    def _mark_dead(self, reason: str) -> None:
+        """Fails every waiter: utility calls here, requests through on_dead."""
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        self._stop_reading()
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(reason))
+        self._futures.clear()
+        self._on_dead()
+
+    def _stop_reading(self) -> None:
+        if self._loop is None or self._loop.is_closed():
+            return
+        for sentinel in self.proc_manager.sentinels():
+            self._loop.remove_reader(sentinel)
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
+    async def call_utility_async(self, method: str, *args: Any) -> list[Any]:
+        """Calls an EngineCore method on every engine; one result per engine."""
+        self.start()
+        futures = []
+        for index in range(len(self.engines)):
+            call_id = next(self._call_ids)
+            future: asyncio.Future[UtilityResult] = self._loop.create_future()
+            self._futures[call_id] = future
+            futures.append(future)
+            self._send(index, EngineCoreRequestType.UTILITY,
+                       self.encoder.encode(UtilityCall(call_id, method, list(args))))
+        results = await asyncio.gather(*futures)
+        errors = [r.error for r in results if r.error]
+        if errors:
+            raise RuntimeError(f"{method} failed in the engine: {errors[0]}")
+        return [r.result for r in results]
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._mark_dead("the engine was shut down")
+        if self._socket is not None and self._loop is not None and not self._loop.is_closed():
+            self._socket.close(linger=0)
+        super().shutdown()
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    child_ids: list[str]
+    processor: OutputProcessor
+    outputs: list[CompletionOutput]
+    wake: asyncio.Event
+    final: RequestOutput | None = None
+
+    def snapshot(self) -> RequestOutput:
+        """A copy, so later steps do not change what the consumer holds."""
+        outputs = [dataclasses.replace(o, token_ids=o.token_ids[:],
+                                       logprobs=None if o.logprobs is None else o.logprobs[:])
+                   for o in self.outputs]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, False)
+
+
+class AsyncLLM:
+    """Serves many concurrent requests from one event loop (the one that first uses it)."""
+
+    def __init__(self, config: EngineConfig, data_parallel_size: int = 1) -> None:
+        self.config = config
+        mc = config.model_config
+        self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer(mc.model)
+        self.max_model_len = config.scheduler_config.max_model_len
+        eos = mc.eos_token_ids
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = tuple(dict.fromkeys((*eos, self.tokenizer.eos_token_id)))
+        self._eos_token_ids = eos
+        self._requests: dict[str, _RequestState] = {}
+        self._parent_of: dict[str, str] = {}  # child (engine) request id -> request id
+        self.engine_core = _AsyncMPClient(config, data_parallel_size, self._process,
+                                          self._wake_all)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, data_parallel_size: int = 1) -> AsyncLLM:
+        return cls(args.create_engine_config(), data_parallel_size)
+
+    # ---- state ------------------------------------------------------------------------
+    @property
+    def errored(self) -> bool:
+        """True once an engine process died or reported an unrecoverable error."""
+        core = self.engine_core
+        return core.dead_reason is not None or bool(core.proc_manager.finished_procs())
+
+    @property
+    def is_dead(self) -> bool:
+        return self.errored
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError once the engine is dead."""
+        if self.errored:
+            reason = self.engine_core.dead_reason or "an engine core process exited"
+            raise EngineDeadError(f"the engine is dead ({reason}); restart the server")
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The checkpoint's generation_config sampling values, as LLM applies them."""
+        gen = self.config.model_config.generation_config
+        defaults = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
+        if gen.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        return defaults
+
+    # ---- tokenizer --------------------------------------------------------------------
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("the engine runs without a tokenizer (skip_tokenizer_init); "
+                             "send token ids")
+        return self.tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._require_tokenizer().encode(text, add_special_tokens) if text else []
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._require_tokenizer().decode(token_ids, skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True) -> str:
+        return self._require_tokenizer().apply_chat_template(messages, add_generation_prompt)
+
+    # ---- requests ---------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError saying what to change, before anything reaches the engine."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        vocab = self.config.model_config.vocab_size
+        bad = [t for t in prompt_token_ids
+               if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"the prompt has token ids outside [0, {vocab}): {bad[:5]}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens, which leaves no room to "
+                f"generate within this model's context of {self.max_model_len} tokens; "
+                "shorten the prompt")
+        max_lp = self.config.model_config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > max_lp:
+                raise ValueError(f"{name}={value} is more than this engine returns "
+                                 f"(max_logprobs={max_lp}); ask for fewer")
+
+    async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                       request_id: str, prompt_text: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs so far (cumulative) as they grow, the finished one
+        last. Closing or cancelling the generator early aborts the request in the engine."""
+        self.check_request(prompt_token_ids, sampling_params)
+        self.engine_core.start()
+        self.check_health()
+        state = self._add_request(request_id, prompt_text, list(prompt_token_ids),
+                                  sampling_params)
+        try:
+            while True:
+                await state.wake.wait()
+                state.wake.clear()
+                if state.final is not None:
+                    yield state.final
+                    return
+                self.check_health()
+                yield state.snapshot()
+        finally:
+            self._remove(state)
+
+    def _add_request(self, request_id: str, prompt: str | None, ids: list[int],
+                     params: SamplingParams) -> _RequestState:
+        n = params.n
+        child_ids = [request_id] if n == 1 else [f"{i}_{request_id}" for i in range(n)]
+        if request_id in self._requests or any(c in self._parent_of for c in child_ids):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        processor = OutputProcessor(self.tokenizer)
+        processor.add_request(request_id, child_ids, prompt, ids, params)
+        state = _RequestState(request_id, prompt, ids, child_ids, processor,
+                              [processor.children[c].output for c in child_ids], asyncio.Event())
+        self._requests[request_id] = state
+        self._parent_of.update(dict.fromkeys(child_ids, request_id))
+        salt = self._cache_salt(request_id, params)
+        try:
+            for i, child_id in enumerate(child_ids):
+                child_params = params
+                if n > 1 and params.seed is not None:
+                    child_params = params.clone(seed=params.seed + i)
+                self.engine_core.add_request(
+                    Request(child_id, ids, child_params, self._eos_token_ids, salt))
+        except BaseException:
+            self._remove(state)
+            raise
+        return state
+
+    def _cache_salt(self, request_id: str, params: SamplingParams) -> str | None:
+        # As in LLM: prompt logprobs need every position computed, so no prefix-cache hits;
+        # without prefix caching, the n copies still share their prompt's blocks.
+        if params.prompt_logprobs is not None:
+            return None
+        if self.config.cache_config.enable_prefix_caching:
+            return ""
+        return f"request:{request_id}" if params.n > 1 else None
+
+    async def abort(self, request_id: str) -> None:
+        """Stops a request; its generator then yields a final output with reason 'abort'."""
+        state = self._requests.get(request_id)
+        if state is None or state.final is not None:
+            return
+        self._abort_in_engine(state)
+        for out in state.outputs:
+            if out.finish_reason is None:
+                out.finish_reason = "abort"
+        state.final = RequestOutput(request_id, state.prompt, state.prompt_token_ids,
+                                    state.outputs, True)
+        state.wake.set()
+
+    def _abort_in_engine(self, state: _RequestState) -> None:
+        pending = [c for c in state.child_ids if c in state.processor.children]
+        state.processor.abort(pending)
+        if not pending or self.errored:
+            return
+        try:
+            self.engine_core.abort_requests(pending)
+        except (EngineDeadError, zmq.ZMQError) as e:  # the engine is going away anyway
+            logger.debug("could not abort %s: %s", pending, e)
+
+    def _remove(self, state: _RequestState) -> None:
+        if state.final is None:
+            self._abort_in_engine(state)
+        self._requests.pop(state.request_id, None)
+        for child_id in state.child_ids:
+            self._parent_of.pop(child_id, None)
+
+    def _process(self, outputs: list[EngineCoreOutput]) -> None:
+        by_request: dict[str, list[EngineCoreOutput]] = {}
+        for eo in outputs:
+            request_id = self._parent_of.get(eo.request_id)
+            if request_id is not None:
+                by_request.setdefault(request_id, []).append(eo)
+        for request_id, eos in by_request.items():
+            state = self._requests[request_id]
+            finished, to_abort = state.processor.process_outputs(eos)
+            if to_abort:  # stopped by a stop string, which only the front end sees
+                self.engine_core.abort_requests(to_abort)
+            if finished:
+                state.final = finished[0]
+            state.wake.set()
+
+    def _wake_all(self) -> None:
+        for state in self._requests.values():
+            state.wake.set()
+
+    # ---- engine-wide ------------------------------------------------------------------
+    async def get_stats(self) -> list[dict[str, float]]:
+        """The scheduler's counts, one dict per engine."""
+        self.check_health()
+        return await self.engine_core.call_utility_async("stats")
+
+    def shutdown(self) -> None:
+        self.engine_core.shutdown()
