@@ -20,19 +20,24 @@ import zmq.asyncio
 
 from fleetllm.config import EngineArgs, EngineConfig
 from fleetllm.engine.client import SyncMPClient
+from fleetllm.engine.inputs import (
+    check_params,
+    check_prompt,
+    child_request_ids,
+    generation_defaults,
+    make_requests,
+)
 from fleetllm.engine.messages import EngineCoreRequestType, UtilityCall, UtilityResult
 from fleetllm.engine.output import CompletionOutput, OutputProcessor, RequestOutput
 from fleetllm.engine.tokenizer import Tokenizer
 from fleetllm.errors import EngineDeadError
 from fleetllm.sampling_params import SamplingParams
 from fleetllm.sched.output import EngineCoreOutput
-from fleetllm.sched.request import Request
 
 logger = logging.getLogger(__name__)
 
 EXIT_CODE_WAIT_S = 1.0
 
-_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class _AsyncMPClient(SyncMPClient):
@@ -195,12 +200,7 @@ class AsyncLLM:
             raise EngineDeadError(f"the engine is dead ({reason}); restart the server")
 
     def generation_defaults(self) -> dict[str, Any]:
-        """The checkpoint's generation_config sampling values, as LLM applies them."""
-        gen = self.config.model_config.generation_config
-        defaults = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
-        if gen.get("do_sample") is False:
-            defaults["temperature"] = 0.0
-        return defaults
+        return generation_defaults(self.config)
 
     # ---- tokenizer --------------------------------------------------------------------
     def _require_tokenizer(self) -> Tokenizer:
@@ -222,24 +222,8 @@ class AsyncLLM:
     # ---- requests ---------------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError saying what to change, before anything reaches the engine."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        vocab = self.config.model_config.vocab_size
-        bad = [t for t in prompt_token_ids
-               if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"the prompt has token ids outside [0, {vocab}): {bad[:5]}")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens, which leaves no room to "
-                f"generate within this model's context of {self.max_model_len} tokens; "
-                "shorten the prompt")
-        max_lp = self.config.model_config.max_logprobs
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > max_lp:
-                raise ValueError(f"{name}={value} is more than this engine returns "
-                                 f"(max_logprobs={max_lp}); ask for fewer")
+        check_prompt(self.config, prompt_token_ids)
+        check_params(self.config, params)
 
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams,
                        request_id: str, prompt_text: str | None = None
@@ -265,8 +249,7 @@ class AsyncLLM:
 
     def _add_request(self, request_id: str, prompt: str | None, ids: list[int],
                      params: SamplingParams) -> _RequestState:
-        n = params.n
-        child_ids = [request_id] if n == 1 else [f"{i}_{request_id}" for i in range(n)]
+        child_ids = child_request_ids(request_id, params.n)
         if request_id in self._requests or any(c in self._parent_of for c in child_ids):
             raise ValueError(f"request id {request_id!r} is already in use")
         processor = OutputProcessor(self.tokenizer)
@@ -275,27 +258,13 @@ class AsyncLLM:
                               [processor.children[c].output for c in child_ids], asyncio.Event())
         self._requests[request_id] = state
         self._parent_of.update(dict.fromkeys(child_ids, request_id))
-        salt = self._cache_salt(request_id, params)
         try:
-            for i, child_id in enumerate(child_ids):
-                child_params = params
-                if n > 1 and params.seed is not None:
-                    child_params = params.clone(seed=params.seed + i)
-                self.engine_core.add_request(
-                    Request(child_id, ids, child_params, self._eos_token_ids, salt))
+            for req in make_requests(self.config, request_id, ids, params, self._eos_token_ids):
+                self.engine_core.add_request(req)
         except BaseException:
             self._remove(state)
             raise
         return state
-
-    def _cache_salt(self, request_id: str, params: SamplingParams) -> str | None:
-        # As in LLM: prompt logprobs need every position computed, so no prefix-cache hits;
-        # without prefix caching, the n copies still share their prompt's blocks.
-        if params.prompt_logprobs is not None:
-            return None
-        if self.config.cache_config.enable_prefix_caching:
-            return ""
-        return f"request:{request_id}" if params.n > 1 else None
 
     async def abort(self, request_id: str) -> None:
         """Stops a request; its generator then yields a final output with reason 'abort'."""

@@ -12,16 +12,20 @@ from tqdm.auto import tqdm
 
 from fleetllm.config import EngineArgs
 from fleetllm.engine.core import EngineCore
+from fleetllm.engine.inputs import (
+    check_params,
+    check_prompt,
+    child_request_ids,
+    generation_defaults,
+    make_requests,
+)
 from fleetllm.engine.output import OutputProcessor, RequestOutput
 from fleetllm.engine.tokenizer import Tokenizer
 from fleetllm.sampling_params import SamplingParams
-from fleetllm.sched.request import Request
 
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any]
-
-_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class LLM:
@@ -57,11 +61,7 @@ class LLM:
 
     # ---- generation -------------------------------------------------------------------
     def get_default_sampling_params(self) -> SamplingParams:
-        gen = self.config.model_config.generation_config
-        defaults = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
-        if gen.get("do_sample") is False:
-            defaults["temperature"] = 0.0
-        return SamplingParams(**defaults)
+        return SamplingParams(**generation_defaults(self.config))
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -80,16 +80,8 @@ class LLM:
                                  "prompts; pass one, or one per prompt")
         # Validate everything before adding anything, so a bad prompt leaves no half-batch.
         inputs = [self._tokenize(p, i) for i, p in enumerate(prompts)]
-        max_lp = self.config.model_config.max_logprobs
         for params in params_list:
-            if not isinstance(params, SamplingParams):
-                raise TypeError(f"sampling_params must be SamplingParams, got {type(params)}")
-            for name in ("logprobs", "prompt_logprobs"):
-                value = getattr(params, name)
-                if value is not None and value > max_lp:
-                    raise ValueError(f"{name}={value} is more than this engine returns "
-                                     f"(max_logprobs={max_lp}); ask for fewer or create the LLM "
-                                     "with a larger max_logprobs")
+            check_params(self.config, params)
         request_ids = [self._add_request(text, ids, params)
                        for (text, ids), params in zip(inputs, params_list)]
         return self._run(request_ids, use_tqdm)
@@ -124,42 +116,18 @@ class LLM:
         else:
             raise TypeError(f"prompt {index} must be a str or a dict with 'prompt' or "
                             f"'prompt_token_ids', got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError(f"prompt {index} is empty; give at least one token")
-        vocab = self.config.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt {index} has token ids outside [0, {vocab}): {bad[:5]}")
-        max_len = self.config.scheduler_config.max_model_len
-        if len(ids) >= max_len:
-            raise ValueError(
-                f"prompt {index} has {len(ids)} tokens, which leaves no room to generate within "
-                f"max_model_len={max_len}; shorten the prompt or raise max_model_len"
-            )
+        check_prompt(self.config, ids, f"prompt {index}")
         return text, ids
 
     def _add_request(self, prompt: str | None, ids: list[int], params: SamplingParams) -> str:
         request_id = str(next(self._counter))
-        n = params.n
-        child_ids = [request_id] if n == 1 else [f"{i}_{request_id}" for i in range(n)]
+        child_ids = child_request_ids(request_id, params.n)
         self.output_processor.add_request(request_id, child_ids, prompt, ids, params)
-        prefix = self.config.cache_config.enable_prefix_caching
         eos = self.config.model_config.eos_token_ids
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = tuple(dict.fromkeys((*eos, self.tokenizer.eos_token_id)))
-        for i, child_id in enumerate(child_ids):
-            child_params = params
-            if n > 1 and params.seed is not None:
-                child_params = params.clone(seed=params.seed + i)
-            # Prompt logprobs need every prompt position computed, so no prefix-cache hits;
-            # without prefix caching, the n copies still share their prompt's blocks.
-            if params.prompt_logprobs is not None:
-                salt = None
-            elif prefix:
-                salt = ""
-            else:
-                salt = f"request:{request_id}" if n > 1 else None
-            self.engine_core.add_request(Request(child_id, ids, child_params, eos, salt))
+        for req in make_requests(self.config, request_id, ids, params, eos):
+            self.engine_core.add_request(req)
         return request_id
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
