@@ -76,11 +76,6 @@ class Executor(ABC):
             from fleetllm.executor.ray import RayDistributedExecutor
 
             cls = RayDistributedExecutor
-        elif backend in BACKENDS:
-            raise ValueError(
-                f"distributed_executor_backend={backend!r} is not available in this build yet; "
-                "use 'uni'"
-            )
         elif isinstance(backend, str) and "." in backend:
             cls = resolve_obj_by_qualname(backend)
         else:

@@ -307,7 +307,10 @@ class MultiprocExecutor(Executor):
 
     @property
     def max_concurrent_batches(self) -> int:
-        return self.parallel_config.pipeline_parallel_size
+        """Pipeline stages each hold a step; with async scheduling (one worker), step N+1 is
+        queued on the ring while step N runs."""
+        pp = self.parallel_config.pipeline_parallel_size
+        return pp if pp > 1 else (2 if self.scheduler_config.async_scheduling else 1)
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):

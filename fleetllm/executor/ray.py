@@ -66,6 +66,10 @@ HEALTH_TIMEOUT_S = 10.0
 CRASH_GRACE_S = 0.5
 # Arguments above Ray's inline limit go to the object store once, not once per actor.
 _PUT_THRESHOLD_BYTES = 100 * 1024
+# ray.wait and ray.get start a new session when there is none; the monitor thread must not,
+# if a ray.shutdown() elsewhere lands between its is_initialized() check and its call.
+_wait_no_autostart = getattr(ray.wait, "__wrapped__", ray.wait)
+_get_no_autostart = getattr(ray.get, "__wrapped__", ray.get)
 
 
 @ray.remote(concurrency_groups={"monitor": 1})
@@ -168,6 +172,7 @@ class RayDistributedExecutor(Executor):
         self.worker_cls = resolve_obj_by_qualname(WORKER_CLS)
         self.workers: list[ray.actor.ActorHandle] = []
         self._sentinels: list[ray.ObjectRef] = []
+        self._monitor: threading.Thread | None = None
         self._local_procs: list[psutil.Process] = []
         self._own_pg: PlacementGroup | None = None
         self._pids: list[int] = []
@@ -245,13 +250,13 @@ class RayDistributedExecutor(Executor):
             ).remote(rank, WORKER_CLS, omp_threads)
             self.workers.append(actor)
         infos = _get_at_startup([w.node_info.remote() for w in self.workers])
+        self._pids = [pid for _, _, pid, _ in infos]
         # The sentinels go out first, so a death while loading the model is noticed too.
         self._sentinels = [w.sentinel.remote() for w in self.workers]
         self._monitor = threading.Thread(target=self._monitor_workers, daemon=True,
                                          name="fleetllm-ray-monitor")
         self._monitor.start()
         here = ray.get_runtime_context().get_node_id()
-        self._pids = [pid for _, _, pid, _ in infos]
         self._local_procs = [psutil.Process(pid) for node, _, pid, _ in infos if node == here]
         node0, ip0, _, port = infos[0]
         # Loopback when every rank shares one node: it always works and needs no interface.
@@ -270,20 +275,24 @@ class RayDistributedExecutor(Executor):
         while not self._closed:
             try:
                 # The timeout only bounds how long shutdown waits for this thread.
-                ready, _ = ray.wait(list(ranks), num_returns=1, timeout=1.0)
+                ready, _ = _wait_no_autostart(list(ranks), num_returns=1, timeout=1.0)
             except BaseException as e:
-                # Ray itself is gone: a ray.shutdown() elsewhere ends a blocked wait with
-                # SystemExit, and the actors died with the session.
+                # Ray itself is gone, and the actors with it: a ray.shutdown() elsewhere ends
+                # a blocked wait with SystemExit, and a later one fails.
                 if not self._closed:
-                    self._declare_failure(None, e)
+                    shut_down = isinstance(e, SystemExit) or not ray.is_initialized()
+                    self._declare_failure(None, None if shut_down else e)
                 return
             if ready and not self._closed:
                 try:
-                    ray.get(ready[0])
+                    _get_no_autostart(ready[0])
                     cause: BaseException | None = None
-                except Exception as e:
+                except BaseException as e:
                     cause = e
-                self._declare_failure(ranks[ready[0]], cause)
+                if ray.is_initialized():
+                    self._declare_failure(ranks[ready[0]], cause)
+                else:  # a ray.shutdown() elsewhere took the actors down
+                    self._declare_failure(None, None)
                 return
 
     def _declare_failure(self, rank: int | None, cause: BaseException | None
@@ -292,15 +301,15 @@ class RayDistributedExecutor(Executor):
         saw a dead rank first) fires the callbacks, once."""
         pid = self._pids[rank] if rank is not None and rank < len(self._pids) else "?"
         who = "the Ray session" if rank is None else f"worker rank {rank} (Ray actor pid {pid})"
+        why = "ray.shutdown() was called" if cause is None else (
+            # Ray's last line says why ("...because it was killed by `ray.kill`"); its full
+            # text stays attached as the cause.
+            str(cause).strip().splitlines()[-1].split(". ")[0].rstrip("."))
         with self._lock:
             if self._closed and self._failure is None:
                 # shutdown() killed it: nothing to report, but the call still cannot finish.
                 return WorkerCrashedError(f"{who} was stopped by shutdown()")
             if self._failure is None:
-                # Ray's last line says why ("...because it was killed by `ray.kill`"); its
-                # full text stays attached as the cause.
-                why = str(cause).strip().splitlines()[-1].split(". ")[0].rstrip(".") if (
-                    cause is not None) else "no details"
                 failure = WorkerCrashedError(
                     f"{who} died ({why}); the executor cannot continue: shut it down and "
                     "start a new engine")
@@ -342,6 +351,8 @@ class RayDistributedExecutor(Executor):
     def _check_usable(self) -> None:
         if self._closed:
             raise RuntimeError("the executor has been shut down")
+        if self._failure is None and not ray.is_initialized():
+            self._declare_failure(None, None)  # else .remote() would start a new session
         if self._failure is not None:
             raise self._failure
 
@@ -443,11 +454,13 @@ class RayDistributedExecutor(Executor):
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):
             return
-        graceful = self._ready and self._failure is None
+        graceful = self._ready and self._failure is None and ray.is_initialized()
         self._closed = True
-        # Each step on its own: one failing (Ray already gone) must not skip the rest.
+        # Each step on its own: one failing must not skip the rest. Without a session (a
+        # ray.shutdown() elsewhere) the actors and the group went with it, and a Ray call
+        # would start a new session.
         steps: list[Callable[[], Any]] = [lambda: self._stop_workers(graceful)]
-        if self._own_pg is not None:
+        if self._own_pg is not None and ray.is_initialized():
             steps.append(lambda: remove_placement_group(self._own_pg))
         if self._started_ray:
             steps.append(ray.shutdown)
@@ -466,14 +479,13 @@ class RayDistributedExecutor(Executor):
                 self._resolve(call, 2.0, return_exceptions=True)
             except CommunicationTimeoutError:
                 logger.warning("workers did not finish shutdown() within 2 s; killing them")
-        # Without a session the actors are already gone, and ray.wait would start a new one.
         if ray.is_initialized():
             for worker in self.workers:
                 ray.kill(worker, no_restart=True)
             if self._sentinels:  # they resolve once Ray has taken the actors down
                 ray.wait(self._sentinels, num_returns=len(self._sentinels), timeout=10)
         # A failure callback may shut the executor down from the monitor thread itself.
-        if hasattr(self, "_monitor") and self._monitor is not threading.current_thread():
+        if self._monitor not in (None, threading.current_thread()):
             self._monitor.join(2.0)
         _, alive = psutil.wait_procs(self._local_procs, timeout=5)
         if alive:
