@@ -95,6 +95,10 @@ def test_collective_rpc_forms(tp2: LLM) -> None:
     assert ex.collective_rpc(lambda w, a, b=0: w.rank * 10 + a + b, args=(1,),
                              kwargs={"b": 2}) == [3, 13]
     futures = ex.collective_rpc(lambda w: w.rank, non_block=True)
+    deadline = time.monotonic() + 10
+    while not all(f.done() for f in futures):  # polling done() alone must make progress
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     assert [f.result(timeout=10) for f in futures] == [0, 1]
     res = ex.collective_rpc(_fail_on_rank_1, args=("x",), return_exceptions=True)
     assert res[0] == "x" and isinstance(res[1], KeyError) and "rank 1" in str(res[1])

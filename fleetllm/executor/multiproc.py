@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 WORKER_CLS = "fleetllm.worker.worker.Worker"
 STARTUP_TIMEOUT_S = 300.0
+_LINK_ERRORS = ("Connection reset", "Connection closed", "Broken pipe", "NCCL", "gloo")
 SPIN_S = 2e-4
 
 
@@ -65,14 +66,25 @@ class RpcFuture(Future):
         self._return_exceptions = return_exceptions
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
-            self._executor._resolve(self._call, timeout, self._return_exceptions)
+        if not super().done():
+            self._executor._resolve(self._call, timeout, return_exceptions=True)
             value = self._call.results.get(self._rank, self._call.error)
             if isinstance(value, BaseException) and not self._return_exceptions:
                 self.set_exception(value)
             else:
                 self.set_result(value)
         return super().result(0)
+
+    def done(self) -> bool:
+        """Also reads any replies that arrived, so polling done() makes progress."""
+        if not super().done():
+            self._executor._poll_once()
+            if self._call.done():
+                try:
+                    self.result(0)
+                except BaseException:  # noqa: BLE001 - now stored in the future
+                    pass
+        return super().done()
 
 
 class MultiprocExecutor(Executor):
@@ -253,14 +265,20 @@ class MultiprocExecutor(Executor):
         with self._lock:
             self._calls.pop(call.call_id, None)
         if call.error is not None and not isinstance(call.error, WorkerCrashedError):
-            call.error = self._crash_behind(call.error)
+            original, call.error = call.error, self._crash_behind(call.error)
+            for rank, value in call.results.items():
+                if value is original:
+                    call.results[rank] = call.error
         if call.error is not None and not return_exceptions:
             raise call.error
 
     def _crash_behind(self, error: BaseException) -> BaseException:
         """A peer's death usually reaches a surviving rank first as a communication error;
         report it as the crash it is."""
-        if all(p.is_alive() for p in self.procs):
+        # The reply can beat the dead process's exit, so a connection error waits for the
+        # monitor too; any other exception is the worker's own and returns at once.
+        broken_link = any(s in str(error) for s in _LINK_ERRORS)
+        if not broken_link and all(p.is_alive() for p in self.procs):
             return error
         deadline = time.monotonic() + 1.0
         while self._failure is None and time.monotonic() < deadline:
