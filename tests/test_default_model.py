@@ -10,7 +10,7 @@ import io
 import json
 import keyword
 import math
-import re
+import sys
 import sysconfig
 import tokenize
 from pathlib import Path
@@ -36,25 +36,34 @@ WINDOW = 256  # the training script's context length and held-out protocol
 KEYWORDS = set(keyword.kwlist) | {"self"}
 
 
-def looks_like_python(prompt: str, completion: str) -> bool:
-    """The prompt plus completion tokenizes as Python (an unclosed bracket or string at the
-    cut-off end is allowed) and at least 15% of the completion's names are keywords."""
+def _tokens(text: str) -> list[tokenize.TokenInfo] | None:
+    """Python tokens of text; a cut-off end (open bracket or string) just stops early."""
+    tokens: list[tokenize.TokenInfo] = []
     try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(prompt + completion).readline))
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            tokens.append(tok)
     except tokenize.TokenError:
-        tokens = None  # EOF inside a bracket or a triple-quoted string: truncated, fine
+        pass
     except (IndentationError, SyntaxError):
-        return False
-    if tokens is not None and any(t.type == tokenize.ERRORTOKEN and t.string.strip()
-                                  for t in tokens):
-        return False
-    names = [t.string for t in tokenize.generate_tokens(io.StringIO(completion).readline)
-             if t.type == tokenize.NAME] if tokens is not None else _names(completion)
-    return len(names) >= 3 and sum(n in KEYWORDS for n in names) / len(names) >= 0.15
+        return None
+    return tokens
 
 
-def _names(text: str) -> list[str]:
-    return [w for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)]
+def looks_like_python(prompt: str, completion: str) -> bool:
+    """The prompt plus completion tokenizes as Python, and at least a quarter of the
+    completion's tokens are structure (keywords, comments, strings, line ends) rather than a
+    soup of made-up names and operators."""
+    if _tokens(prompt + completion) is None:
+        return False
+    tokens = _tokens(completion) or []
+    if any(t.type == tokenize.ERRORTOKEN and t.string.strip() for t in tokens):
+        return False
+    skip = {tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    significant = [t for t in tokens if t.type not in skip]
+    structure = [t for t in significant
+                 if t.type in (tokenize.COMMENT, tokenize.STRING, tokenize.NEWLINE)
+                 or (t.type == tokenize.NAME and t.string in KEYWORDS)]
+    return len(significant) >= 5 and len(structure) / len(significant) >= 0.25
 
 
 def python_likeness(llm: LLM) -> float:
@@ -105,6 +114,7 @@ def _training_script():
     spec = importlib.util.spec_from_file_location(
         "train_default_model", ROOT / "scripts" / "train_default_model.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
     spec.loader.exec_module(module)
     return module
 
