@@ -148,7 +148,9 @@ class _DeltaTracker:
             finished = o.finish_reason is not None
             start, tok_start = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
             end = len(o.text) if finished else max(start, len(o.text) - self.hold)
-            if end == start and not finished:
+            # New tokens make a chunk even when their text is held back (half a UTF-8
+            # character, or a possible stop string): clients see progress and logprobs.
+            if end == start and len(o.token_ids) == tok_start and not finished:
                 continue
             self.sent_text[index], self.sent_tokens[index] = end, len(o.token_ids)
             lps = None if o.logprobs is None else o.logprobs[tok_start:]
