@@ -128,11 +128,21 @@ class Executor(ABC):
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
         return self.collective_rpc("get_kv_cache_spec")
 
+    # The rank whose execute_model answer is used; only it replies (None: every rank).
+    execute_model_reply_rank: int | None = None
+
+    @property
+    def output_rank(self) -> int:
+        """The rank that samples: the first tensor rank of the last pipeline stage."""
+        return self.parallel_config.world_size - self.parallel_config.tensor_parallel_size
+
     def execute_model(self, scheduler_output: SchedulerOutput,
                       non_block: bool = False) -> ModelRunnerOutput | Future[ModelRunnerOutput]:
         start = time.perf_counter()
+        reply = self.execute_model_reply_rank
+        extra = {} if reply is None else {"unique_reply_rank": reply}
         result = self.collective_rpc("execute_model", args=(scheduler_output,),
-                                     non_block=non_block)[0]
+                                     non_block=non_block, **extra)[0]
         tokens = scheduler_output.total_num_scheduled_tokens
         if non_block:
             result.add_done_callback(lambda _: self.metrics.record(start, tokens))

@@ -185,9 +185,8 @@ class MultiprocExecutor(Executor):
 
     # ---- calls ------------------------------------------------------------------------
     @property
-    def output_rank(self) -> int:
-        """The rank whose execute_model answer is used: first TP rank of the last stage."""
-        return self.world_size - self.parallel_config.tensor_parallel_size
+    def execute_model_reply_rank(self) -> int:
+        return self.output_rank
 
     def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
                        args: tuple = (), kwargs: dict[str, Any] | None = None,
@@ -224,16 +223,6 @@ class MultiprocExecutor(Executor):
                 self._calls.pop(call_id, None)  # its late replies will be dropped
             raise
 
-    def execute_model(self, scheduler_output: Any, non_block: bool = False) -> Any:
-        start = time.perf_counter()
-        result = self.collective_rpc("execute_model", args=(scheduler_output,),
-                                     non_block=non_block, unique_reply_rank=self.output_rank)[0]
-        tokens = scheduler_output.total_num_scheduled_tokens
-        if non_block:
-            result.add_done_callback(lambda _: self.metrics.record(start, tokens))
-        else:
-            self.metrics.record(start, tokens)
-        return result
 
     def _aborted(self) -> bool:
         return self._failure is not None or self._closed

@@ -34,7 +34,6 @@ from fleetllm.errors import CommunicationTimeoutError, ConfigurationError, Worke
 from fleetllm.executor import rpc
 from fleetllm.executor.abstract import Executor, FailureCallback
 from fleetllm.executor.multiproc import WORKER_CLS, get_open_port
-from fleetllm.sched.output import ModelRunnerOutput, SchedulerOutput
 from fleetllm.worker.worker_base import WorkerWrapperBase, resolve_obj_by_qualname
 
 try:
@@ -333,9 +332,8 @@ class RayDistributedExecutor(Executor):
 
     # ---- calls ------------------------------------------------------------------------
     @property
-    def output_rank(self) -> int:
-        """The rank whose execute_model answer is used: first TP rank of the last stage."""
-        return self.world_size - self.parallel_config.tensor_parallel_size
+    def execute_model_reply_rank(self) -> int:
+        return self.output_rank
 
     def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
                        args: tuple = (), kwargs: dict[str, Any] | None = None,
@@ -370,17 +368,6 @@ class RayDistributedExecutor(Executor):
             message = ray.put(message)
         return _Call(method, [w.execute_method.remote(message) for w in self.workers], expect)
 
-    def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False
-                      ) -> ModelRunnerOutput | Future[ModelRunnerOutput]:
-        start = time.perf_counter()
-        result = self.collective_rpc("execute_model", args=(scheduler_output,),
-                                     non_block=non_block, unique_reply_rank=self.output_rank)[0]
-        tokens = scheduler_output.total_num_scheduled_tokens
-        if non_block:
-            result.add_done_callback(lambda _: self.metrics.record(start, tokens))
-        else:
-            self.metrics.record(start, tokens)
-        return result
 
     def _resolve(self, call: _Call, timeout: float | None, return_exceptions: bool) -> None:
         """Waits until `call` is complete, fails, or times out."""

@@ -109,7 +109,6 @@ class ExecutorWithExternalLauncher(UniProcExecutor):
                                        is_driver_worker=self.rank == 0)
         self.collective_rpc("init_device")
         self.collective_rpc("load_model")
-        self.output_rank = world - self.parallel_config.tensor_parallel_size
 
     def _cpu_group(self) -> Any:
         return self.driver_worker.worker.pc.cpu_group
