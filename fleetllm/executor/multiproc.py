@@ -18,12 +18,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 from fleetllm.errors import CommunicationTimeoutError, WorkerCrashedError
 from fleetllm.executor import rpc
 from fleetllm.executor.abstract import Executor, FailureCallback
+from fleetllm.executor.futures import CallFuture
 from fleetllm.executor.shm_queue import MessageQueue, reclaim_orphan
 from fleetllm.executor.worker_proc import SHUTDOWN, worker_main
 from fleetllm.worker.worker_base import resolve_obj_by_qualname
@@ -54,37 +54,6 @@ class _Call:
 
     def done(self) -> bool:
         return self.error is not None or len(self.results) == len(self.expect)
-
-
-class RpcFuture(Future):
-    """A Future whose result() waits in the caller's thread, with a working timeout."""
-
-    def __init__(self, executor: MultiprocExecutor, call: _Call, rank: int,
-                 return_exceptions: bool) -> None:
-        super().__init__()
-        self._executor, self._call, self._rank = executor, call, rank
-        self._return_exceptions = return_exceptions
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not super().done():
-            self._executor._resolve(self._call, timeout, return_exceptions=True)
-            value = self._call.results.get(self._rank, self._call.error)
-            if isinstance(value, BaseException) and not self._return_exceptions:
-                self.set_exception(value)
-            else:
-                self.set_result(value)
-        return super().result(0)
-
-    def done(self) -> bool:
-        """Also reads any replies that arrived, so polling done() makes progress."""
-        if not super().done():
-            self._executor._poll_once()
-            if self._call.done():
-                try:
-                    self.result(0)
-                except BaseException:  # noqa: BLE001 - now stored in the future
-                    pass
-        return super().done()
 
 
 class MultiprocExecutor(Executor):
@@ -213,7 +182,7 @@ class MultiprocExecutor(Executor):
                 raise CommunicationTimeoutError(
                     f"could not hand collective_rpc({_name(method)!r}) to the workers within "
                     f"{timeout} s: they are still busy") from None
-        futures = [RpcFuture(self, call, rank, return_exceptions) for rank in expect]
+        futures = [CallFuture(self, call, rank, return_exceptions) for rank in expect]
         if non_block:
             return futures
         try:
@@ -277,6 +246,9 @@ class MultiprocExecutor(Executor):
         crash = WorkerCrashedError(str(self._failure).split("] ", 1)[-1])
         crash.__cause__ = error
         return crash
+
+    def _poll_call(self, call: _Call) -> None:
+        self._poll_once()
 
     def _poll_once(self) -> bool:
         got = False

@@ -23,7 +23,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 import psutil
@@ -33,6 +32,7 @@ from fleetllm.config import EngineConfig
 from fleetllm.errors import CommunicationTimeoutError, ConfigurationError, WorkerCrashedError
 from fleetllm.executor import rpc
 from fleetllm.executor.abstract import Executor, FailureCallback
+from fleetllm.executor.futures import CallFuture
 from fleetllm.executor.multiproc import WORKER_CLS, get_open_port
 from fleetllm.worker.worker_base import WorkerWrapperBase, resolve_obj_by_qualname
 
@@ -135,26 +135,6 @@ class _Call:
 
     def done(self) -> bool:
         return self.error is not None or all(r in self.results for r in self.expect)
-
-
-class RayFuture(Future):
-    """One rank's answer to a call; result() waits in the caller's thread, with a timeout."""
-
-    def __init__(self, executor: RayDistributedExecutor, call: _Call, rank: int,
-                 return_exceptions: bool) -> None:
-        super().__init__()
-        self._executor, self._call, self._rank = executor, call, rank
-        self._return_exceptions = return_exceptions
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
-            self._executor._resolve(self._call, timeout, self._return_exceptions)
-            value = self._call.results.get(self._rank, self._call.error)
-            if isinstance(value, BaseException) and not self._return_exceptions:
-                self.set_exception(value)
-            else:
-                self.set_result(value)
-        return super().result(0)
 
 
 class RayDistributedExecutor(Executor):
@@ -341,7 +321,7 @@ class RayDistributedExecutor(Executor):
                        unique_reply_rank: int | None = None) -> list[Any]:
         self._check_usable()
         call = self._submit(method, args, kwargs or {}, unique_reply_rank)
-        futures = [RayFuture(self, call, rank, return_exceptions) for rank in call.expect]
+        futures = [CallFuture(self, call, rank, return_exceptions) for rank in call.expect]
         if non_block:
             return futures
         return [f.result(timeout) for f in futures]
@@ -385,6 +365,11 @@ class RayDistributedExecutor(Executor):
             self._crash_behind(call)
         if call.error is not None and not return_exceptions:
             raise call.error
+
+    def _poll_call(self, call: _Call) -> None:
+        if call.pending:
+            ready, _ = ray.wait(list(call.pending), num_returns=len(call.pending), timeout=0)
+            self._take(call, ready)
 
     def _take(self, call: _Call, refs: list[ray.ObjectRef]) -> None:
         with self._lock:  # two futures of one call may be resolved from two threads

@@ -1,0 +1,50 @@
+"""The Future a collective_rpc(non_block=True) returns, shared by the mp and Ray executors."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+
+class _Call(Protocol):
+    results: dict[int, Any]
+    error: BaseException | None
+
+    def done(self) -> bool: ...
+
+
+class _Resolver(Protocol):
+    def _resolve(self, call: Any, timeout: float | None, return_exceptions: bool) -> None: ...
+
+    def _poll_call(self, call: Any) -> None: ...
+
+
+class CallFuture(Future):
+    """One rank's answer to a call. result(timeout) waits in the caller's thread (no hand-off
+    latency) with a working timeout; polling done() also collects replies that arrived."""
+
+    def __init__(self, executor: _Resolver, call: _Call, rank: int,
+                 return_exceptions: bool) -> None:
+        super().__init__()
+        self._executor, self._call, self._rank = executor, call, rank
+        self._return_exceptions = return_exceptions
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not super().done():
+            self._executor._resolve(self._call, timeout, return_exceptions=True)
+            value = self._call.results.get(self._rank, self._call.error)
+            if isinstance(value, BaseException) and not self._return_exceptions:
+                self.set_exception(value)
+            else:
+                self.set_result(value)
+        return super().result(0)
+
+    def done(self) -> bool:
+        if not super().done():
+            self._executor._poll_call(self._call)
+            if self._call.done():
+                try:
+                    self.result(0)
+                except BaseException:  # noqa: BLE001 - now stored in the future
+                    pass
+        return super().done()
