@@ -314,3 +314,33 @@ def test_uses_the_callers_placement_group(llama_dir: Path, ray_session: None) ->
         assert placement_group_table(pg)["state"] == "CREATED"  # the caller's to remove
     finally:
         ray.util.remove_placement_group(pg)
+
+
+def test_data_parallel_engine_actors(llama_dir: Path, ray_session: None,
+                                     reference: list) -> None:
+    """CoreEngineActorManager: DP engines as actors, each in its own STRICT_PACK group; a
+    killed engine actor fails generate at once; shutdown removes actors and groups."""
+    from ray.util.placement_group import placement_group_table
+
+    from fleetllm.errors import EngineDeadError
+
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV, data_parallel_size=2,
+              data_parallel_backend="ray")
+    manager = llm.engine_core.proc_manager
+    try:
+        assert_same_greedy(llm.generate(_prompts(), GREEDY, use_tqdm=False), reference)
+        stats = llm.engine_core.call_utility("stats")
+        assert all(s["prefix_cache_queries"] > 0 for s in stats), "an engine got no work"
+        groups = [placement_group_table(pg) for pg in manager.placement_groups]
+        assert [g["strategy"] for g in groups] == ["STRICT_PACK"] * 2
+        ray.kill(manager.actors[1])
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match="EngineCoreActor_1"):
+            llm.generate(_prompts() * 4, SamplingParams(max_tokens=200, ignore_eos=True),
+                         use_tqdm=False)
+        assert time.monotonic() - start < 5
+    finally:
+        llm.shutdown()
+    assert all(placement_group_table(pg)["state"] == "REMOVED"
+               for pg in manager.placement_groups)
+    assert ray.is_initialized()  # the caller's session is left running

@@ -23,6 +23,7 @@ import pytest
 from fleetllm import SamplingParams
 from fleetllm.config import EngineArgs
 from fleetllm.engine.async_llm import AsyncLLM
+from fleetllm.entrypoints.openai.server import ENGINE_DEATH_GRACE_S
 from tests.helpers import make_llm
 
 KV = 1 << 24
@@ -42,7 +43,7 @@ class Server:
 
     def engine_processes(self) -> list[psutil.Process]:
         return [p for p in psutil.Process(self.proc.pid).children(recursive=True)
-                if "spawn_main" in " ".join(p.cmdline())]
+                if p.name().startswith("fleetllm-engine")]
 
 
 def _free_port() -> int:
@@ -52,12 +53,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serve(model: Path, log: Path) -> Iterator[Server]:
+def serve(model: Path, log: Path, *extra: str) -> Iterator[Server]:
     """A `fleetllm serve` subprocess; on exit, SIGTERM it and check it left no processes."""
     port = _free_port()
     cmd = [sys.executable, "-m", "fleetllm.entrypoints.cli", "serve", "--model", str(model),
            "--port", str(port), "--served-model-name", MODEL, "--api-key", API_KEY,
-           "--kv-cache-memory-bytes", str(KV), "--max-model-len", str(MAX_LEN)]
+           "--kv-cache-memory-bytes", str(KV), "--max-model-len", str(MAX_LEN), *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
     server = Server(f"http://127.0.0.1:{port}", proc, log)
@@ -260,6 +261,9 @@ def test_engine_death_fails_health_and_streams(llama_dir: Path, tmp_path: Path) 
         assert any('"error"' in line for line in rest), rest[-3:]
         assert rest[-1] == "data: [DONE]"
         assert _post(server, "/v1/completions", GOOD).status_code == 503
+        # Then the server stops by itself, saying why, and leaves nothing behind.
+        assert server.proc.wait(ENGINE_DEATH_GRACE_S + 10) == 1
+        assert "exited with code -9" in server.log.read_text()
 
 
 def test_async_llm_aborts_closed_and_aborted_requests(llama_dir: Path) -> None:

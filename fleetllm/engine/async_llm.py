@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 import zmq
@@ -27,6 +27,7 @@ from fleetllm.engine.inputs import (
     generation_defaults,
     make_requests,
 )
+from fleetllm.engine.launch import EngineConnection
 from fleetllm.engine.messages import EngineCoreRequestType, UtilityCall, UtilityResult
 from fleetllm.engine.output import CompletionOutput, OutputProcessor, RequestOutput
 from fleetllm.engine.tokenizer import Tokenizer
@@ -47,7 +48,8 @@ class _AsyncMPClient(SyncMPClient):
 
     def __init__(self, config: EngineConfig, data_parallel_size: int,
                  on_outputs: Callable[[list[EngineCoreOutput]], None],
-                 on_dead: Callable[[], None]) -> None:
+                 on_dead: Callable[[], None], data_parallel_backend: str = "mp",
+                 connection: EngineConnection | None = None) -> None:
         # Set before start-up, whose failure path calls our shutdown.
         self._on_outputs = on_outputs
         self._on_dead = on_dead
@@ -56,7 +58,8 @@ class _AsyncMPClient(SyncMPClient):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
-        super().__init__(config, data_parallel_size)
+        super().__init__(config, data_parallel_size, data_parallel_backend,
+                         connection=connection)
 
     def start(self) -> None:
         """Binds to the running loop on first use; later calls do nothing."""
@@ -64,8 +67,8 @@ class _AsyncMPClient(SyncMPClient):
             return
         self._loop = asyncio.get_running_loop()
         self._socket = zmq.asyncio.Socket.from_socket(self.output)
-        for proc in self.proc_manager.processes:
-            self._loop.add_reader(proc.sentinel, self._engine_exited, proc)
+        for sentinel in self.proc_manager.sentinels():
+            self._loop.add_reader(sentinel, self._engine_exited)
         self._task = self._loop.create_task(self._output_loop())
 
     async def _output_loop(self) -> None:
@@ -85,11 +88,16 @@ class _AsyncMPClient(SyncMPClient):
             logger.exception("reading engine outputs failed")
             self.fail(f"{type(e).__name__}: {e}")
 
-    def _engine_exited(self, proc: BaseProcess) -> None:
-        # The sentinel turns readable as the process ends, a moment before its exit code
+    def _engine_exited(self) -> None:
+        # A process's sentinel turns readable as it ends, a moment before its exit code
         # can be read.
-        proc.join(EXIT_CODE_WAIT_S)
-        self.fail(f"engine core process {proc.name} exited with code {proc.exitcode}")
+        deadline = time.monotonic() + EXIT_CODE_WAIT_S
+        while not (finished := self.proc_manager.finished_procs()):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        detail = ", ".join(f"{name} exited with code {code}" for name, code in finished.items())
+        self.fail(f"engine core {detail or 'exited'}")
 
     def fail(self, reason: str) -> None:
         if self.dead_reason is None:
@@ -164,7 +172,9 @@ class _RequestState:
 class AsyncLLM:
     """Serves many concurrent requests from one event loop (the one that first uses it)."""
 
-    def __init__(self, config: EngineConfig, data_parallel_size: int = 1) -> None:
+    def __init__(self, config: EngineConfig, data_parallel_size: int = 1,
+                 data_parallel_backend: str = "mp",
+                 connection: EngineConnection | None = None) -> None:
         self.config = config
         mc = config.model_config
         self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer(mc.model)
@@ -175,12 +185,14 @@ class AsyncLLM:
         self._eos_token_ids = eos
         self._requests: dict[str, _RequestState] = {}
         self._parent_of: dict[str, str] = {}  # child (engine) request id -> request id
+        self._dead = asyncio.Event()
         self.engine_core = _AsyncMPClient(config, data_parallel_size, self._process,
-                                          self._wake_all)
+                                          self._wake_all, data_parallel_backend, connection)
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, data_parallel_size: int = 1) -> AsyncLLM:
-        return cls(args.create_engine_config(), data_parallel_size)
+    def from_engine_args(cls, args: EngineArgs, data_parallel_size: int = 1,
+                         data_parallel_backend: str = "mp") -> AsyncLLM:
+        return cls(args.create_engine_config(), data_parallel_size, data_parallel_backend)
 
     # ---- state ------------------------------------------------------------------------
     @property
@@ -312,8 +324,16 @@ class AsyncLLM:
             state.wake.set()
 
     def _wake_all(self) -> None:
+        self._dead.set()
         for state in self._requests.values():
             state.wake.set()
+
+    async def wait_until_dead(self) -> str:
+        """Returns (with the reason) once the engine is dead or shut down; starts watching
+        the engines from the running loop if no request did yet."""
+        self.engine_core.start()
+        await self._dead.wait()
+        return self.engine_core.dead_reason or "the engine is dead"
 
     # ---- engine-wide ------------------------------------------------------------------
     async def get_stats(self) -> list[dict[str, float]]:

@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import time
 from typing import Any
 
 import msgspec
 import zmq
 
 from fleetllm.config import EngineConfig
-from fleetllm.engine.core_proc import EngineCoreProc
 from fleetllm.engine.launch import (
     CoreEngine,
-    CoreEngineProcManager,
-    get_engine_client_zmq_addr,
-    wait_for_engine_startup,
+    EngineConnection,
+    EngineManager,
+    SupervisorLink,
+    launch_core_engines,
+    unlink_ipc,
 )
 from fleetllm.engine.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineCoreRequestType,
-    EngineZmqAddresses,
     UtilityCall,
 )
 from fleetllm.errors import EngineDeadError
@@ -41,19 +39,20 @@ SHUTDOWN_WAIT_S = 5.0
 
 
 class SyncMPClient:
-    def __init__(self, config: EngineConfig, data_parallel_size: int = 1) -> None:
+    """Starts engine cores (processes, or Ray actors with data_parallel_backend="ray") and
+    owns them; or, given `connection`, attaches to engines a supervisor started (each API
+    server process does so with its own socket pair)."""
+
+    def __init__(self, config: EngineConfig, data_parallel_size: int = 1,
+                 data_parallel_backend: str = "mp", *,
+                 connection: EngineConnection | None = None) -> None:
         self.config = config
         self.ctx = zmq.Context()
         self._closed = False
-        self.proc_manager: CoreEngineProcManager | None = None
-        addrs = [get_engine_client_zmq_addr(local_only=True) for _ in range(3)]
-        self._ipc_paths = [a[len("ipc://"):] for a in addrs]
-        handshake = self._bind(zmq.ROUTER, addrs[0])
-        self.input = self._bind(zmq.ROUTER, addrs[1])
-        self.input.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown engine is an error
-        self.output = self._bind(zmq.PULL, addrs[2])
-        self.engines = [CoreEngine(i) for i in range(data_parallel_size)]
-        self.load = [0] * data_parallel_size  # unfinished requests per engine
+        self._owns_engines = connection is None
+        self.proc_manager: EngineManager | None = None
+        self._ipc_paths: list[str] = []
+        self.load: list[int] = []
         self.engine_of: dict[str, int] = {}
         self._buffered: list[EngineCoreOutput] = []
         self._results: dict[int, Any] = {}
@@ -61,19 +60,27 @@ class SyncMPClient:
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         try:
-            self.proc_manager = CoreEngineProcManager(
-                EngineCoreProc.run_engine_core, data_parallel_size, 0, 0, config, addrs[0])
-            self.num_gpu_blocks = wait_for_engine_startup(
-                handshake, EngineZmqAddresses([addrs[1]], [addrs[2]]), self.engines, config,
-                self.proc_manager)
+            if connection is None:
+                self.proc_manager, addresses, self.num_gpu_blocks = launch_core_engines(
+                    config, data_parallel_size, data_parallel_backend)
+                connection = EngineConnection(addresses, 0, data_parallel_size)
+            else:
+                self.proc_manager = SupervisorLink(connection.supervisor)
+                self.num_gpu_blocks = connection.num_gpu_blocks
+            i = connection.client_index
+            in_addr, out_addr = connection.addresses.inputs[i], connection.addresses.outputs[i]
+            self._ipc_paths = [in_addr, out_addr]
+            self.input = self._bind(zmq.ROUTER, in_addr)
+            self.input.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown engine is an error
+            self.output = self._bind(zmq.PULL, out_addr)
+            self.engines = [CoreEngine(e) for e in range(connection.num_engines)]
+            self.load = [0] * connection.num_engines  # unfinished requests per engine
             self._await_registrations()
         except BaseException:
-            handshake.close(linger=0)
             self.shutdown()
             raise
-        handshake.close(linger=0)
-        logger.info("%d engine core process(es) ready, %d KV blocks in all",
-                    data_parallel_size, self.num_gpu_blocks)
+        logger.info("%d engine core(s) ready, %d KV blocks in all", len(self.engines),
+                    self.num_gpu_blocks)
 
     def _bind(self, kind: int, addr: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -216,19 +223,15 @@ class SyncMPClient:
             return
         self._closed = True
         if self.proc_manager is not None:
-            for engine in self.engines:
-                try:
-                    self.input.send_multipart([engine.identity, EngineCoreRequestType.UTILITY.value,
-                                               self.encoder.encode(UtilityCall(-1, "shutdown"))])
-                except zmq.ZMQError:
-                    pass  # not connected (start-up failed) or already gone
-            deadline = time.monotonic() + SHUTDOWN_WAIT_S
-            for proc in self.proc_manager.processes:
-                proc.join(max(0.0, deadline - time.monotonic()))
+            if self._owns_engines and hasattr(self, "input"):
+                for engine in self.engines:
+                    try:
+                        self.input.send_multipart([
+                            engine.identity, EngineCoreRequestType.UTILITY.value,
+                            self.encoder.encode(UtilityCall(-1, "shutdown"))])
+                    except zmq.ZMQError:
+                        pass  # not connected (start-up failed) or already gone
+                self.proc_manager.wait_for_exit(SHUTDOWN_WAIT_S)
             self.proc_manager.close()
         self.ctx.destroy(linger=0)
-        for path in self._ipc_paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        unlink_ipc(*self._ipc_paths)

@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 import msgspec
+import torch
 import zmq
 
 from fleetllm.config import EngineConfig
@@ -27,6 +28,7 @@ from fleetllm.engine.messages import (
     UtilityCall,
     UtilityResult,
 )
+from fleetllm.sched.output import EngineCoreOutput
 from fleetllm.sched.request import Request
 
 logger = logging.getLogger(__name__)
@@ -60,13 +62,22 @@ class EngineCoreProc:
                 handshake.send(msgspec.msgpack.encode(
                     HandshakeStatus("FAILED", error=f"{type(e).__name__}: {e}")))
                 raise
-            self.input = ctx.socket(zmq.DEALER)
-            self.input.setsockopt(zmq.IDENTITY, self.identity)
-            self.input.connect(meta.addresses.inputs[0])
-            self.input.send(b"")  # registers our identity with the front end's router
-            self.output = ctx.socket(zmq.PUSH)
-            self.output.setsockopt(zmq.LINGER, 1000)
-            self.output.connect(meta.addresses.outputs[0])
+            # One socket pair per front-end client (API server): requests come in on the
+            # client's input socket, and their outputs go back on its output socket.
+            self.inputs: list[zmq.Socket] = []
+            for address in meta.addresses.inputs:
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.IDENTITY, self.identity)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(address)
+                sock.send(b"")  # registers our identity with the client's router
+                self.inputs.append(sock)
+            self.outputs: list[zmq.Socket] = []
+            for address in meta.addresses.outputs:
+                sock = ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 1000)
+                sock.connect(address)
+                self.outputs.append(sock)
             blocks = self.core.config.cache_config.num_gpu_blocks or 0
             handshake.send(msgspec.msgpack.encode(HandshakeStatus("READY", True, blocks)))
         finally:
@@ -75,64 +86,90 @@ class EngineCoreProc:
         self.request_decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
         self.utility_decoder = msgspec.msgpack.Decoder(UtilityCall)
         self.parent = os.getppid()
+        self.client_of: dict[str, int] = {}  # request id -> index of the client that sent it
 
     @staticmethod
     def run_engine_core(config: EngineConfig, handshake_address: str, dp_rank: int = 0,
-                        local_dp_rank: int = 0) -> None:
-        """Process entry point."""
-        signal.signal(signal.SIGTERM, _raise_exit)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides
+                        local_dp_rank: int = 0, data_parallel_size: int = 1,
+                        in_actor: bool = False) -> None:
+        """Process (or Ray actor) entry point."""
+        if not in_actor:  # Ray owns an actor's signals and name
+            set_process_name(f"fleetllm-engine{dp_rank}")
+            signal.signal(signal.SIGTERM, _raise_exit)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides
         logging.basicConfig(level=logging.INFO,
                             format=f"%(levelname)s engine{dp_rank} %(name)s: %(message)s")
+        _share_cores(config, data_parallel_size)
         ctx = zmq.Context()
         proc = None
         try:
             proc = EngineCoreProc(config, handshake_address, dp_rank, ctx)
-            proc.run_busy_loop()
+            proc.run_busy_loop(check_parent=not in_actor)
         finally:
             if proc is not None:
                 proc.close()
             ctx.destroy(linger=0)
 
-    def run_busy_loop(self) -> None:
+    def run_busy_loop(self, check_parent: bool = True) -> None:
         poller = zmq.Poller()
-        poller.register(self.input, zmq.POLLIN)
+        for sock in self.inputs:
+            poller.register(sock, zmq.POLLIN)
         while True:
             busy = self.core.has_unfinished_requests()
-            if not dict(poller.poll(0 if busy else IDLE_POLL_MS)):
-                if not busy:
-                    if os.getppid() != self.parent:
-                        logger.info("front end is gone; exiting")
-                        return
-                    continue
-            else:
-                while self.input.poll(0):
-                    if not self._handle(self.input.recv_multipart()):
+            ready = dict(poller.poll(0 if busy else IDLE_POLL_MS))
+            if not ready and not busy:
+                if check_parent and os.getppid() != self.parent:
+                    logger.info("front end is gone; exiting")
+                    return
+                continue
+            for client, sock in enumerate(self.inputs):
+                while sock in ready and sock.poll(0):
+                    if not self._handle(client, sock.recv_multipart()):
                         return
             if self.core.has_unfinished_requests():
                 try:
                     outputs = self.core.step()
                 except Exception as e:  # the engine cannot go on; say so, then exit
                     logger.exception("engine step failed")
-                    self._send(EngineCoreOutputs(self.engine_index,
-                                                 engine_dead=f"{type(e).__name__}: {e}"))
+                    dead = EngineCoreOutputs(self.engine_index,
+                                             engine_dead=f"{type(e).__name__}: {e}")
+                    for client in range(len(self.outputs)):
+                        self._send(client, dead)
                     raise
-                self._send(EngineCoreOutputs(self.engine_index, outputs,
-                                             stats=self.core.stats()))
+                self._send_outputs(outputs)
 
-    def _handle(self, frames: list[bytes]) -> bool:
+    def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        if len(self.outputs) == 1:  # one client: no routing
+            for eo in outputs:
+                if eo.finished:
+                    self.client_of.pop(eo.request_id, None)
+            self._send(0, EngineCoreOutputs(self.engine_index, outputs, stats=self.core.stats()))
+            return
+        by_client: dict[int, list[EngineCoreOutput]] = {}
+        for eo in outputs:
+            client = (self.client_of.pop if eo.finished else self.client_of.get)(eo.request_id, 0)
+            by_client.setdefault(client, []).append(eo)
+        stats = self.core.stats()
+        for client, outs in by_client.items():
+            self._send(client, EngineCoreOutputs(self.engine_index, outs, stats=stats))
+
+    def _handle(self, client: int, frames: list[bytes]) -> bool:
         kind, payload = EngineCoreRequestType(frames[0]), frames[1]
         if kind == EngineCoreRequestType.ADD:
             r = self.request_decoder.decode(payload)
+            self.client_of[r.request_id] = client
             self.core.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params,
                                           tuple(r.eos_token_ids), r.cache_salt))
         elif kind == EngineCoreRequestType.ABORT:
-            self.core.abort_requests(msgspec.msgpack.decode(payload, type=list[str]))
+            ids = msgspec.msgpack.decode(payload, type=list[str])
+            for rid in ids:
+                self.client_of.pop(rid, None)
+            self.core.abort_requests(ids)
         else:
             call = self.utility_decoder.decode(payload)
             if call.method == "shutdown":
                 return False
-            self._send(EngineCoreOutputs(self.engine_index, utility_results=[
+            self._send(client, EngineCoreOutputs(self.engine_index, utility_results=[
                 self._utility(call)], stats=self.core.stats()))
         return True
 
@@ -144,15 +181,40 @@ class EngineCoreProc:
         except Exception as e:
             return UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}")
 
-    def _send(self, outputs: EngineCoreOutputs) -> None:
-        self.output.send(self.encoder.encode(outputs), copy=False)
+    def _send(self, client: int, outputs: EngineCoreOutputs) -> None:
+        self.outputs[client].send(self.encoder.encode(outputs), copy=False)
 
     def close(self) -> None:
         try:
             self.core.shutdown()
         finally:
-            self.input.close(linger=0)
-            self.output.close(linger=1000)
+            for sock in self.inputs:
+                sock.close(linger=0)
+            for sock in self.outputs:
+                sock.close(linger=1000)
+
+
+def set_process_name(name: str) -> None:
+    """Names this process for ps, top and psutil (Linux: /proc/self/comm, 15 characters)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass  # not Linux; only cosmetic
+
+
+def _share_cores(config: EngineConfig, data_parallel_size: int) -> None:
+    """Data-parallel engines on one CPU machine split its cores, unless the user chose."""
+    if data_parallel_size == 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    if config.device_config.device != "cpu":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    threads = max(1, cores // (data_parallel_size * config.parallel_config.world_size))
+    # Each rank's share; worker processes read the variable when they import torch.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def _raise_exit(signum: int, frame: Any) -> None:

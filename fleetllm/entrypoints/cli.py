@@ -136,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' (default: $FLEETLLM_API_KEY)")
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="the model name(s) clients use (default: the --model path)")
-    serve.add_argument("--data-parallel-size", type=int, default=1)
+    serve.add_argument("--data-parallel-size", type=int, default=1,
+                       help="engine cores, each with its own executor and KV cache")
+    serve.add_argument("--data-parallel-backend", choices=["mp", "ray"], default="mp",
+                       help="engine cores as processes (mp) or Ray actors (ray)")
+    serve.add_argument("--api-server-count", type=int, default=1,
+                       help="HTTP server processes sharing the port (each with its own "
+                            "client of every engine core)")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")

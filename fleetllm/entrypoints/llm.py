@@ -34,11 +34,14 @@ class LLM:
     Keyword arguments mirror vLLM's: model, dtype, seed, max_model_len, block_size,
     enable_prefix_caching, load_format, max_num_seqs, max_num_batched_tokens,
     kv_cache_memory_bytes, tensor_parallel_size, pipeline_parallel_size,
-    distributed_executor_backend, skip_tokenizer_init, device.
+    distributed_executor_backend, skip_tokenizer_init, device. The engine core runs in
+    this process unless engine_process=True or data_parallel_size > 1 (one engine-core
+    process each; data_parallel_backend="ray" makes them Ray actors).
     """
 
     def __init__(self, model: str | None = None, *, data_parallel_size: int = 1,
-                 engine_process: bool = False, **kwargs: Any) -> None:
+                 data_parallel_backend: str = "mp", engine_process: bool = False,
+                 **kwargs: Any) -> None:
         fields = EngineArgs.__dataclass_fields__
         unknown = sorted(set(kwargs) - set(fields))
         if unknown:
@@ -50,10 +53,10 @@ class LLM:
         self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer(mc.model)
         if not isinstance(data_parallel_size, int) or data_parallel_size < 1:
             raise ValueError(f"data_parallel_size={data_parallel_size!r} must be an integer >= 1")
-        if engine_process or data_parallel_size > 1:
+        if engine_process or data_parallel_size > 1 or data_parallel_backend != "mp":
             from fleetllm.engine.client import SyncMPClient
 
-            self.engine_core = SyncMPClient(config, data_parallel_size)
+            self.engine_core = SyncMPClient(config, data_parallel_size, data_parallel_backend)
         else:
             self.engine_core = EngineCore(config)
         self.output_processor = OutputProcessor(self.tokenizer)

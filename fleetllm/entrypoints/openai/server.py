@@ -8,8 +8,9 @@ import hashlib
 import hmac
 import logging
 import signal
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers carry no API key
 GRACEFUL_SHUTDOWN_S = 5
+ENGINE_DEATH_GRACE_S = 3.0  # how long /health says 503 before a server whose engine died exits
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                    60.0)
 # The scheduler's stats, as (name, help, stats key); gauges, then counters.
@@ -222,17 +224,27 @@ def _respond(result: Any) -> Any:
     return result
 
 
-def build_app(engine: AsyncLLM, served_model_names: list[str],
-              api_key: str | None = None) -> FastAPI:
-    """The app owns the engine: it shuts it down when the app's lifespan ends."""
+def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None,
+              on_engine_death: Callable[[str], None] | None = None) -> FastAPI:
+    """The app owns the engine: it shuts it down when the app's lifespan ends. If the engine
+    dies, /health answers 503 for ENGINE_DEATH_GRACE_S (so probes and load balancers see
+    it), then on_engine_death(reason) is called: the server uses it to stop."""
     metrics = ServerMetrics(engine)
     serving = OpenAIServing(engine, served_model_names, metrics.track)
 
+    async def watch_engine() -> None:
+        reason = await engine.wait_until_dead()
+        await asyncio.sleep(ENGINE_DEATH_GRACE_S)
+        if on_engine_death is not None:
+            on_engine_death(reason)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(watch_engine())
         try:
             yield
         finally:
+            watcher.cancel()
             engine.shutdown()
 
     app = FastAPI(title="fleetllm", version=__version__, lifespan=lifespan)
@@ -304,29 +316,82 @@ class _Stopped(BaseException):
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup
     raise _Stopped
 
 
 def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
-    import uvicorn
+    """`fleetllm serve`: one HTTP server process owning its engine cores, or, with
+    --api-server-count > 1, a supervisor over API server processes and engine cores."""
+    if args.api_server_count < 1:
+        raise ValueError(f"--api-server-count {args.api_server_count} must be >= 1")
+    if args.api_server_count > 1:
+        from .multi_server import run_multi_server
 
+        return run_multi_server(args, engine_kwargs)
     # Python's default SIGTERM would skip the finally below and orphan the engine processes.
     signal.signal(signal.SIGTERM, _raise_stopped)
     engine: AsyncLLM | None = None
     try:
-        engine = AsyncLLM.from_engine_args(EngineArgs(**engine_kwargs), args.data_parallel_size)
-        names = args.served_model_name or [engine.config.model_config.model]
-        app = build_app(engine, names, args.api_key)
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            logger.warning("listening on %s: reachable from other machines%s", args.host,
-                           "" if args.api_key else ", with no --api-key")
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level,
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-        uvicorn.Server(config).run()
+        sock = listen_socket(args.host, args.port)
+        engine = AsyncLLM.from_engine_args(EngineArgs(**engine_kwargs), args.data_parallel_size,
+                                           args.data_parallel_backend)
+        return serve_http(engine, args, sock, log_config=uvicorn_log_config())
     except (_Stopped, KeyboardInterrupt):
         logger.info("stopped by a signal")
+        return 0
     finally:
         if engine is not None:
             engine.shutdown()
-    return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Binds the server's address before the engines start, so a taken port fails fast."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: reachable from other machines", host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port} ({e.strerror}); choose another "
+                           "--port or --host") from None
+    sock.listen(2048)
+    return sock
+
+
+def uvicorn_log_config() -> dict[str, Any] | None:
+    import uvicorn.config
+
+    return uvicorn.config.LOGGING_CONFIG
+
+
+def serve_http(engine: AsyncLLM, args: argparse.Namespace, sock: socket.socket,
+               log_config: dict[str, Any] | None) -> int:
+    """Runs uvicorn on sock until a signal or the engine's death; 1 if the engine died."""
+    import uvicorn
+
+    names = args.served_model_name or [engine.config.model_config.model]
+    died: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_engine_death(reason: str) -> None:
+        died.append(reason)
+        logger.error("stopping the server: %s", reason)
+        if server is not None:
+            server.should_exit = True
+
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("no --api-key: anyone who can reach %s can use the server", args.host)
+    app = build_app(engine, names, args.api_key, on_engine_death)
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    config = uvicorn.Config(app, log_level=level, log_config=log_config,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 1 if died else 0

@@ -1,0 +1,184 @@
+"""CoreEngineActorManager: the engine cores as Ray actors, for clusters.
+
+Each data-parallel rank gets its own STRICT_PACK placement group of world-size bundles, so
+an engine and its tp/pp workers land on one node. The engine actor runs the same busy loop
+as an engine process, in a long-running `run` call; that call's ObjectRef ending is how a
+dead engine is noticed, and a pipe turns it into a file descriptor the front end can poll
+like a process sentinel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import uuid
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from fleetllm.config import EngineConfig
+from fleetllm.engine.core_proc import EngineCoreProc
+from fleetllm.errors import ConfigurationError
+from fleetllm.executor.ray import CPUS_PER_WORKER, PLACEMENT_TIMEOUT_S
+
+logger = logging.getLogger(__name__)
+
+WATCH_PERIOD_S = 0.2
+
+
+def ensure_ray(config: EngineConfig, data_parallel_size: int) -> bool:
+    """Joins the current Ray session, or RAY_ADDRESS's cluster, or starts a local one (and
+    returns True: the caller then owns it and shuts it down)."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return False
+    world = config.parallel_config.world_size
+    cpus = max(os.cpu_count() or 1, math.ceil(data_parallel_size * world * CPUS_PER_WORKER))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def ray_node_address() -> str:
+    """127.0.0.1 (ipc sockets) on a one-node cluster; this node's IP when engines may run on
+    other nodes and must reach the front end over TCP."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return "127.0.0.1" if len(alive) <= 1 else ray.util.get_node_ip_address()
+
+
+class EngineCoreActor:
+    """One data-parallel engine core inside a Ray actor."""
+
+    def __init__(self, config: EngineConfig, handshake_address: str, dp_rank: int,
+                 data_parallel_size: int, omp_threads: str | None) -> None:
+        # Ray exports OMP_NUM_THREADS=1 to its workers; use the driver's choice, or none.
+        if omp_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp_threads
+        self.args = (config, handshake_address, dp_rank, dp_rank, data_parallel_size)
+
+    def run(self) -> None:
+        EngineCoreProc.run_engine_core(*self.args, in_actor=True)
+
+
+class CoreEngineActorManager:
+    """Creates the engine-core actors, watches them, and removes them (and their groups)."""
+
+    def __init__(self, config: EngineConfig, data_parallel_size: int, handshake_address: str,
+                 owns_ray: bool = False) -> None:
+        self.owns_ray = owns_ray
+        self.actors: list[Any] = []
+        self.placement_groups: list[PlacementGroup] = []
+        self.run_refs: list[ray.ObjectRef] = []
+        self._finished: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+        self._read_fd, self._write_fd = os.pipe()
+        self._stop = threading.Event()
+        self._closed = False
+        self._watcher: threading.Thread | None = None
+        try:
+            self._start(config, data_parallel_size, handshake_address)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, config: EngineConfig, dp: int, handshake_address: str) -> None:
+        world = config.parallel_config.world_size
+        cuda = config.device_config.device == "cuda"
+        bundle = {"GPU": 1.0} if cuda else {"CPU": CPUS_PER_WORKER}
+        tag = uuid.uuid4().hex[:8]
+        for rank in range(dp):
+            self.placement_groups.append(placement_group(
+                [dict(bundle) for _ in range(world)], strategy="STRICT_PACK",
+                name=f"fleetllm_dp{rank}_{tag}"))
+        try:
+            ray.get([pg.ready() for pg in self.placement_groups], timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            raise ConfigurationError(
+                f"Ray could not place {dp} data-parallel engines, each needing {world} "
+                f"bundle(s) of {bundle} on one node, within {PLACEMENT_TIMEOUT_S:.0f} s; the "
+                f"cluster has {ray.available_resources()} available") from None
+        # A Ray executor inside the engine takes the group's bundles for its workers; any
+        # other keeps its rank 0 in the engine actor, which then holds bundle 0.
+        inner_ray = config.parallel_config.distributed_executor_backend == "ray"
+        actor_cls = ray.remote(EngineCoreActor)
+        omp = os.environ.get("OMP_NUM_THREADS")
+        for rank, pg in enumerate(self.placement_groups):
+            strategy = PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=0,
+                placement_group_capture_child_tasks=True)
+            actor = actor_cls.options(
+                name=f"fleetllm_EngineCore_{rank}_{tag}",
+                num_cpus=0 if inner_ray or cuda else CPUS_PER_WORKER,
+                num_gpus=0 if inner_ray or not cuda else 1,
+                scheduling_strategy=strategy,
+            ).remote(config, handshake_address, rank, dp, omp)
+            self.actors.append(actor)
+            self.run_refs.append(actor.run.remote())
+        self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                         name="fleetllm-engine-actor-watch")
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        pending = list(self.run_refs)
+        while pending and not self._stop.is_set() and ray.is_initialized():
+            done, pending = ray.wait(pending, num_returns=1, timeout=WATCH_PERIOD_S)
+            for ref in done:
+                name = f"EngineCoreActor_{self.run_refs.index(ref)}"
+                try:
+                    ray.get(ref)
+                    code = 0
+                except RayActorError as e:  # killed, or its process died
+                    code, self.errors[name] = -9, str(e).splitlines()[0]
+                except Exception as e:  # run raised: the engine failed
+                    code, self.errors[name] = 1, str(e).splitlines()[-1]
+                self._finished[name] = code
+                os.write(self._write_fd, b"x")
+
+    # ---- the EngineManager surface ------------------------------------------------------
+    def sentinels(self) -> list[int]:
+        return [self._read_fd]
+
+    def finished_procs(self) -> dict[str, int]:
+        return dict(self._finished)
+
+    def join_first(self) -> None:
+        import select
+
+        select.select([self._read_fd], [], [])
+
+    def wait_for_exit(self, timeout: float) -> None:
+        """After the engines were asked to stop: gives them up to timeout to do so."""
+        if self.run_refs and ray.is_initialized():
+            ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if ray.is_initialized():
+            for actor in self.actors:
+                try:
+                    ray.kill(actor)
+                except Exception:
+                    logger.debug("ray.kill failed", exc_info=True)
+            for pg in self.placement_groups:
+                try:
+                    remove_placement_group(pg)
+                except Exception:
+                    logger.debug("remove_placement_group failed", exc_info=True)
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
