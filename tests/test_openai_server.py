@@ -43,7 +43,7 @@ class Server:
 
     def engine_processes(self) -> list[psutil.Process]:
         return [p for p in psutil.Process(self.proc.pid).children(recursive=True)
-                if p.name().startswith("fleetllm-engine")]
+                if p.name().startswith("fleetllm-core")]
 
 
 def _free_port() -> int:

@@ -73,8 +73,14 @@ def test_data_parallel_and_two_api_servers(llama_dir: Path, reference: list[str]
         served = set(re.findall(r"api_server(\d) uvicorn.access: .*POST /v1/completions",
                                 log.read_text()))
         assert served == {"0", "1"}, log.read_text()[-2000:]
-        roles = [p.cmdline() for p in psutil.Process(s.proc.pid).children()]
-        assert len(roles) >= 4  # 2 engine cores + 2 API servers (+ the resource tracker)
+        names = sorted(p.name() for p in psutil.Process(s.proc.pid).children())
+        assert [n for n in names if n.startswith("fleetllm-")] == [
+            "fleetllm-api0", "fleetllm-api1", "fleetllm-core0", "fleetllm-core1"]
+        # Whichever server answers a scrape reports the requests of both.
+        want = 2 * len(PROMPTS) * MAX_TOKENS
+        for _ in range(6):
+            text = httpx.get(f"{s.url}/metrics", timeout=10).text
+            assert f"fleetllm:generation_tokens_total {want:.1f}" in text, text[:3000]
 
 
 def test_data_parallel_ray(llama_dir: Path, reference: list[str], tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ class EngineCoreProc:
                         in_actor: bool = False) -> None:
         """Process (or Ray actor) entry point."""
         if not in_actor:  # Ray owns an actor's signals and name
-            set_process_name(f"fleetllm-engine{dp_rank}")
+            set_process_name(f"fleetllm-core{dp_rank}")
             signal.signal(signal.SIGTERM, _raise_exit)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides
         logging.basicConfig(level=logging.INFO,

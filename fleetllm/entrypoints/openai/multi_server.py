@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import weakref
 from collections.abc import Callable
@@ -148,6 +151,7 @@ def run_multi_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) ->
     sock = listen_socket(args.host, args.port)
     engine_manager: EngineManager | None = None
     addresses = None
+    metrics_dir: str | None = None
     try:
         try:
             engine_manager, addresses, blocks = launch_core_engines(
@@ -157,6 +161,9 @@ def run_multi_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) ->
             return 0
         client = {"config": config, "num_engines": args.data_parallel_size,
                   "num_gpu_blocks": blocks}
+        # The servers' request metrics go to files here, so /metrics sums all of them.
+        metrics_dir = tempfile.mkdtemp(prefix="fleetllm-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         api = APIServerProcessManager(
             run_api_server_worker, f"http://{args.host}:{args.port}", sock, args, n,
             addresses.inputs, addresses.outputs, client)
@@ -171,6 +178,8 @@ def run_multi_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) ->
             engine_manager.close()
         if addresses is not None:
             unlink_ipc(*addresses.inputs, *addresses.outputs)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import signal
 import socket
 import time
@@ -23,6 +24,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -133,7 +135,13 @@ class ServerMetrics:
                 self.engine_stats.per_engine = await self.engine.get_stats()
             except EngineDeadError:
                 pass  # keep the last numbers; /health reports the death
-        return generate_latest(self.registry)
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        # Several API server processes: any of them answers a scrape with the sum of all.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(self.engine_stats)
+        return generate_latest(registry)
 
 
 class APIKeyMiddleware:
