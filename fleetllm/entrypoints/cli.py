@@ -37,7 +37,8 @@ def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 enable_prefix_caching=a.enable_prefix_caching,
                 tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size,
-                distributed_executor_backend=a.distributed_executor_backend)
+                distributed_executor_backend=a.distributed_executor_backend,
+                skip_tokenizer_init=getattr(a, "skip_tokenizer_init", False))
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -110,6 +111,12 @@ def cmd_bench_throughput(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from fleetllm.entrypoints.bench_serve import run_serve_bench
+
+    return 0 if run_serve_bench(a)["completed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetllm", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -134,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("FLEETLLM_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $FLEETLLM_API_KEY)")
+    serve.add_argument("--skip-tokenizer-init", action="store_true",
+                       help="serve a checkpoint without a tokenizer: prompts as token ids, "
+                            "outputs as token ids (logprobs) with empty text")
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="the model name(s) clients use (default: the --model path)")
     serve.add_argument("--data-parallel-size", type=int, default=1,
@@ -160,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     rpc.add_argument("--num-calls", type=int, default=2000)
     rpc.add_argument("--output-json", default=None)
     rpc.set_defaults(func=lambda a: bench_rpc(a))
+
+    sv = bench_sub.add_parser("serve", help="latency and throughput of a running server")
+    from fleetllm.entrypoints.bench_serve import add_serve_bench_args
+
+    add_serve_bench_args(sv)
+    sv.set_defaults(func=cmd_bench_serve)
     return parser
 
 
