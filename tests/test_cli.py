@@ -47,3 +47,11 @@ def test_bench_throughput_both_backends(llama_dir: Path, tmp_path: Path, backend
     assert "output tokens/s" in r.stdout
     result = json.loads(out.read_text())
     assert result["backend"] == backend and result["output_tokens_per_s"] > 0
+
+
+def test_bench_rpc(llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rpc.json"
+    r = fleetllm("bench", "rpc", "--model", str(llama_dir), "--backend", "uni",
+                 "--num-calls", "50", "--output-json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())

@@ -45,7 +45,7 @@ def run_fleetllm(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dic
     from fleetllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(**engine_kwargs, skip_tokenizer_init=True)
+    llm = LLM(**{**engine_kwargs, "skip_tokenizer_init": True})
     startup = time.perf_counter() - start
     try:
         vocab = llm.config.model_config.vocab_size
