@@ -233,3 +233,14 @@ def test_no_leaks_after_shutdown(llama_dir: Path, tmp_path: Path, mode: str) -> 
     assert "leaked" not in stderr, stderr
     if mode == "normal":
         assert proc.returncode == 0, stderr
+
+
+def test_waiting_driver_sleeps_until_the_reply(tp2: LLM) -> None:
+    """Through a long call the driver sleeps on the workers' doorbell instead of polling,
+    so it leaves the cores to the workers, and still wakes at once for the reply."""
+    ex = tp2.engine_core.executor
+    cpu, start = time.thread_time(), time.perf_counter()
+    assert ex.collective_rpc(_sleepy, args=(1.0, "done")) == ["done", "done"]
+    elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu
+    assert elapsed < 1.2
+    assert cpu < 0.01, f"the driver used {cpu * 1000:.1f} ms of CPU waiting 1 s"

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import socket
 import threading
 import time
@@ -34,6 +35,9 @@ WORKER_CLS = "fleetllm.worker.worker.Worker"
 STARTUP_TIMEOUT_S = 300.0
 _LINK_ERRORS = ("Connection reset", "Connection closed", "Broken pipe", "NCCL", "gloo")
 SPIN_S = 2e-4
+# The longest a waiting driver sleeps without a ring: the monitor rings on a crash, and a
+# call's own deadline shortens it, so this only bounds a missed ring.
+BELL_WAIT_S = 0.05
 
 
 def get_open_port() -> int:
@@ -65,6 +69,7 @@ class MultiprocExecutor(Executor):
         self._failure_callbacks: list[FailureCallback] = []
         self._lock = threading.RLock()
         self._calls: dict[int, _Call] = {}
+        self._waiters = 0  # threads in _resolve
         self._next_id = 0
         self.world_size = self.parallel_config.world_size
         self.worker_cls = resolve_obj_by_qualname(WORKER_CLS)
@@ -87,13 +92,18 @@ class MultiprocExecutor(Executor):
         init_method = f"tcp://127.0.0.1:{get_open_port()}"
         handle = self.rpc_broadcast_mq.export_handle()
         die_with_parent = threading.current_thread() is threading.main_thread()
+        # The doorbell: a worker writes a byte after each reply, so a driver waiting through
+        # a long step sleeps in select() instead of waking every millisecond to poll.
+        self._bell_r, self._bell_w = ctx.Pipe(duplex=False)
+        os.set_blocking(self._bell_r.fileno(), False)
+        os.set_blocking(self._bell_w.fileno(), False)
         pipes = []
         for rank in range(self.world_size):
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=worker_main, name=f"fleetllm-worker-{rank}", daemon=True,
                 args=(self.config, rank, rank, init_method, handle, writer, os.getpid(),
-                      die_with_parent, WORKER_CLS),
+                      die_with_parent, WORKER_CLS, self._bell_w),
             )
             proc.start()
             writer.close()
@@ -145,6 +155,7 @@ class MultiprocExecutor(Executor):
             except Exception:
                 logger.exception("failure callback raised")
         self._failure = failure
+        self._ring()  # a waiting call wakes up and fails now
 
     def register_failure_callback(self, callback: FailureCallback) -> None:
         if self._failure is not None:
@@ -198,6 +209,24 @@ class MultiprocExecutor(Executor):
 
     def _resolve(self, call: _Call, timeout: float | None, return_exceptions: bool) -> None:
         """Reads replies (for any call) until `call` is complete, fails, or times out."""
+        with self._lock:
+            self._waiters += 1
+        try:
+            self._wait_for(call, timeout)
+        finally:
+            with self._lock:
+                self._waiters -= 1
+        with self._lock:  # not on a timeout: a future may still be waited for again
+            self._calls.pop(call.call_id, None)
+        if call.error is not None and not isinstance(call.error, WorkerCrashedError):
+            original, call.error = call.error, self._crash_behind(call.error)
+            for rank, value in call.results.items():
+                if value is original:
+                    call.results[rank] = call.error
+        if call.error is not None and not return_exceptions:
+            raise call.error
+
+    def _wait_for(self, call: _Call, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.0
         spin_until = time.monotonic() + SPIN_S
@@ -207,28 +236,38 @@ class MultiprocExecutor(Executor):
                 continue
             if self._failure is not None:
                 call.error = self._failure
-                break
+                return
             if deadline is not None and time.monotonic() > deadline:
                 raise CommunicationTimeoutError(
                     f"collective_rpc({_name(call.method)!r}) did not finish within {timeout} s; "
                     "its late reply will be discarded")
             # Spin briefly, yielding the core (a no-op call answers in tens of microseconds,
-            # and a sleep costs at least ~50 us of timer slack), then back off so an idle
-            # driver does not take a core from the workers.
+            # and a sleep costs at least ~50 us of timer slack), then sleep until the
+            # doorbell rings. A second waiting thread could miss a ring the first one
+            # drained, so with company it backs off with short sleeps instead.
             if time.monotonic() < spin_until:
                 os.sched_yield()
-                continue
-            time.sleep(pause)
-            pause = min(pause * 2 or 5e-5, 1e-3)
-        with self._lock:
-            self._calls.pop(call.call_id, None)
-        if call.error is not None and not isinstance(call.error, WorkerCrashedError):
-            original, call.error = call.error, self._crash_behind(call.error)
-            for rank, value in call.results.items():
-                if value is original:
-                    call.results[rank] = call.error
-        if call.error is not None and not return_exceptions:
-            raise call.error
+            elif self._waiters == 1:
+                left = BELL_WAIT_S if deadline is None else deadline - time.monotonic()
+                self._await_bell(min(BELL_WAIT_S, max(left, 0.0)))
+            else:
+                time.sleep(pause)
+                pause = min(pause * 2 or 5e-5, 1e-3)
+
+    def _await_bell(self, timeout: float) -> None:
+        """Sleeps until a worker replies (or the monitor or shutdown rings), then drains."""
+        fd = self._bell_r.fileno()
+        if select.select([fd], [], [], timeout)[0]:
+            try:
+                os.read(fd, 1 << 16)
+            except BlockingIOError:
+                pass
+
+    def _ring(self) -> None:
+        try:
+            os.write(self._bell_w.fileno(), b"\0")
+        except (BlockingIOError, OSError):
+            pass  # full: it is ringing already; closed: nobody waits any more
 
     def _crash_behind(self, error: BaseException) -> BaseException:
         """A peer's death usually reaches a surviving rank first as a communication error;
@@ -322,6 +361,9 @@ class MultiprocExecutor(Executor):
         if hasattr(self, "_monitor"):
             self._monitor.join(2.0)
             self._stop_r.close()
+        if hasattr(self, "_bell_r"):
+            self._bell_r.close()
+            self._bell_w.close()
             self._stop_w.close()
         for p in self.procs:
             p.close()

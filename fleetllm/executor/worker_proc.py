@@ -33,7 +33,8 @@ def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
 
 
 def worker_main(config: Any, rank: int, local_rank: int, init_method: str, handle: Handle,
-                ready_pipe: Any, parent_pid: int, use_pdeathsig: bool, worker_cls: str) -> None:
+                ready_pipe: Any, parent_pid: int, use_pdeathsig: bool, worker_cls: str,
+                doorbell: Any = None) -> None:
     # SIGTERM (from shutdown, or from PDEATHSIG) unwinds through the finally below, so the
     # worker still removes what it created.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -54,7 +55,7 @@ def worker_main(config: Any, rank: int, local_rank: int, init_method: str, handl
         broadcast.wait_until_ready(timeout=60, should_abort=parent_gone)
         responses.wait_until_ready(timeout=60, should_abort=parent_gone)
         _serve(wrapper, rank, broadcast, responses, parent_gone,
-               resolve_obj_by_qualname(worker_cls))
+               resolve_obj_by_qualname(worker_cls), doorbell)
     except QueueAbortedError:
         logger.info("parent process is gone; exiting")
     except Exception as e:  # start-up failed: tell the parent if it is still listening
@@ -114,7 +115,10 @@ def _parent_gone(parent_pid: int) -> bool:
 
 
 def _serve(wrapper: WorkerWrapperBase, rank: int, broadcast: MessageQueue,
-           responses: MessageQueue, parent_gone: Any, cls: type) -> None:
+           responses: MessageQueue, parent_gone: Any, cls: type, doorbell: Any = None) -> None:
+    bell = None if doorbell is None else doorbell.fileno()
+    if bell is not None:
+        os.set_blocking(bell, False)
     while True:
         data = broadcast.dequeue(should_abort=parent_gone)
         if data == SHUTDOWN:
@@ -130,3 +134,8 @@ def _serve(wrapper: WorkerWrapperBase, rank: int, broadcast: MessageQueue,
             logger.debug("rpc %s failed", req.method or "<callable>", exc_info=True)
             reply = rpc.make_error(req.call_id, rank, e)
         responses.enqueue(reply, should_abort=parent_gone)
+        if bell is not None:
+            try:
+                os.write(bell, b"\0")  # wakes a driver sleeping on the doorbell
+            except OSError:
+                pass  # full (it is ringing already) or the driver is gone
