@@ -92,6 +92,14 @@ def edit_json(path: Path, fn: Callable[[dict[str, Any]], None]) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+def mismatched_checkpoint(src: Path, tmp: Path) -> Path:
+    """A copy whose config.json disagrees with its weights (intermediate_size 96, not 128):
+    loading it fails with E004 naming the mlp tensor."""
+    bad = copy_checkpoint(src, tmp / "bad")
+    edit_json(bad / "config.json", lambda cfg: cfg.update(intermediate_size=96))
+    return bad
+
+
 def kv_block_bytes(num_layers: int = 2, num_kv_heads: int = 2, head_dim: int = 16,
                    itemsize: int = 4, block_size: int = BLOCK_SIZE) -> int:
     """Bytes of one KV-cache block over all layers (K and V)."""

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -16,6 +14,7 @@ import torch
 
 from fleetllm import LLM, SamplingParams
 from fleetllm.errors import EngineDeadError
+from tests.helpers import mismatched_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 KV = 1 << 24
@@ -63,11 +62,7 @@ def test_engine_processes_match_in_process(llama_dir: Path, reference: list, kwa
 
 
 def test_engine_that_fails_to_start_reports_its_error(llama_dir: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "bad"
-    shutil.copytree(llama_dir, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["intermediate_size"] = 96  # the weights say 128
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = mismatched_checkpoint(llama_dir, tmp_path)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"E004.*mlp"):
         LLM(str(bad), engine_process=True)

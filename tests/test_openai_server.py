@@ -87,6 +87,13 @@ def serve(model: Path, log: Path, *extra: str) -> Iterator[Server]:
         assert not alive, f"processes left behind: {alive}"
 
 
+def wait_for_unhealthy(url: str, within: float) -> None:
+    start = time.monotonic()
+    while httpx.get(f"{url}/health").status_code != 503:
+        assert time.monotonic() - start < within, f"/health still 200 {within} s on"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def server(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with serve(llama_dir, tmp_path_factory.mktemp("server") / "server.log") as s:
@@ -253,10 +260,7 @@ def test_engine_death_fails_health_and_streams(llama_dir: Path, tmp_path: Path) 
             (engine,) = server.engine_processes()
             engine.suspend()  # so the request is surely still in flight when it dies
             engine.kill()
-            killed = time.monotonic()
-            while httpx.get(f"{server.url}/health").status_code != 503:
-                assert time.monotonic() - killed < 2, "/health still 200 two seconds on"
-                time.sleep(0.05)
+            wait_for_unhealthy(server.url, within=2.0)
             rest = [line for line in lines if line.startswith("data: ")]
         assert any('"error"' in line for line in rest), rest[-3:]
         assert rest[-1] == "data: [DONE]"

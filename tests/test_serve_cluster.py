@@ -3,10 +3,8 @@ actors), several API server processes on one port, and the supervisor over them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +19,18 @@ import pytest
 
 from fleetllm import SamplingParams
 from fleetllm.entrypoints.openai.server import ENGINE_DEATH_GRACE_S
-from tests.helpers import make_llm
-from tests.test_openai_server import API_KEY, AUTH, ENV, KV, MAX_LEN, MODEL, _free_port, serve
+from tests.helpers import make_llm, mismatched_checkpoint
+from tests.test_openai_server import (
+    API_KEY,
+    AUTH,
+    ENV,
+    KV,
+    MAX_LEN,
+    MODEL,
+    _free_port,
+    serve,
+    wait_for_unhealthy,
+)
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):", "class Point:", "import os",
            "Once upon a time", "x = [1, 2,", "SELECT * FROM", "for i in range("]
@@ -92,20 +100,11 @@ def test_data_parallel_ray(llama_dir: Path, reference: list[str], tmp_path: Path
         assert sorted(queries) == ["0", "1"] and all(q > 0 for q in queries.values()), queries
 
 
-def _bad_checkpoint(llama_dir: Path, tmp_path: Path) -> Path:
-    bad = tmp_path / "bad"
-    shutil.copytree(llama_dir, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["intermediate_size"] = 96  # the weights say 128
-    (bad / "config.json").write_text(json.dumps(cfg))
-    return bad
-
-
 @pytest.mark.parametrize("count", ["1", "2"])
 def test_bad_checkpoint_fails_fast_with_the_engine_error(llama_dir: Path, tmp_path: Path,
                                                          count: str) -> None:
     cmd = [sys.executable, "-m", "fleetllm.entrypoints.cli", "serve", "--model",
-           str(_bad_checkpoint(llama_dir, tmp_path)), "--port", str(_free_port()),
+           str(mismatched_checkpoint(llama_dir, tmp_path)), "--port", str(_free_port()),
            "--api-server-count", count]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -134,10 +133,7 @@ def test_supervisor_tears_down_the_tree_when_an_engine_dies(llama_dir: Path,
             assert next(line for line in lines if line.startswith("data: {"))
             for engine in s.engine_processes():
                 engine.kill()
-            killed = time.monotonic()
-            while httpx.get(f"{s.url}/health").status_code != 503:
-                assert time.monotonic() - killed < 2, "/health still 200 two seconds on"
-                time.sleep(0.05)
+            wait_for_unhealthy(s.url, within=2.0)
             rest = [line for line in lines if line.startswith("data: ")]
         assert any('"error"' in line for line in rest), rest[-3:]
         assert s.proc.wait(ENGINE_DEATH_GRACE_S + 20) != 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from fleetllm.engine.inputs import (
     generation_defaults,
     make_requests,
 )
-from fleetllm.engine.launch import EngineConnection
+from fleetllm.engine.launch import EngineConnection, wait_for_finished
 from fleetllm.engine.messages import EngineCoreRequestType, UtilityCall, UtilityResult
 from fleetllm.engine.output import CompletionOutput, OutputProcessor, RequestOutput
 from fleetllm.engine.tokenizer import Tokenizer
@@ -89,13 +88,7 @@ class _AsyncMPClient(SyncMPClient):
             self.fail(f"{type(e).__name__}: {e}")
 
     def _engine_exited(self) -> None:
-        # A process's sentinel turns readable as it ends, a moment before its exit code
-        # can be read.
-        deadline = time.monotonic() + EXIT_CODE_WAIT_S
-        while not (finished := self.proc_manager.finished_procs()):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+        finished = wait_for_finished(self.proc_manager, EXIT_CODE_WAIT_S)
         detail = ", ".join(f"{name} exited with code {code}" for name, code in finished.items())
         self.fail(f"engine core {detail or 'exited'}")
 

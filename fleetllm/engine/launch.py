@@ -156,6 +156,15 @@ class SupervisorLink:
             self.conn.close()
 
 
+def wait_for_finished(manager: EngineManager, timeout: float = 1.0) -> dict[str, int]:
+    """finished_procs() once non-empty: a sentinel turns readable as a process ends, a
+    moment before its exit code can be read. Empty if nothing ended within timeout."""
+    deadline = time.monotonic() + timeout
+    while not (done := manager.finished_procs()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return done
+
+
 class CoreEngineProcManager:
     """Creates the local engine-core processes, watches them, and shuts them down."""
 

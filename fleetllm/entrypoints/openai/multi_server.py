@@ -36,6 +36,7 @@ from fleetllm.engine.launch import (
     launch_core_engines,
     shutdown,
     unlink_ipc,
+    wait_for_finished,
 )
 
 from .server import ENGINE_DEATH_GRACE_S, _raise_stopped, _Stopped, listen_socket, serve_http
@@ -111,7 +112,7 @@ def wait_for_completion_or_failure(api_server_manager: APIServerProcessManager,
         while True:
             ready = connection.wait([*by_sentinel, *engine_sentinels])
             if engine_manager is not None and any(s in engine_sentinels for s in ready):
-                engines_done = _wait_codes(engine_manager.finished_procs)
+                engines_done = wait_for_finished(engine_manager, EXIT_CODE_WAIT_S)
                 # The servers answer 503 and end their streams with an error meanwhile.
                 api_server_manager.notify_engine_death(engines_done)
                 detail = ", ".join(f"{n} exited with code {c}" for n, c in engines_done.items())
@@ -134,14 +135,6 @@ def wait_for_completion_or_failure(api_server_manager: APIServerProcessManager,
         api_server_manager.close()
         if engine_manager is not None:
             engine_manager.close()
-
-
-def _wait_codes(finished_procs: Callable[[], dict[str, int]]) -> dict[str, int]:
-    """A process's sentinel turns readable a moment before its exit code can be read."""
-    deadline = time.monotonic() + EXIT_CODE_WAIT_S
-    while not (done := finished_procs()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return done
 
 
 def run_multi_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
