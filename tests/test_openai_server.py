@@ -77,14 +77,17 @@ def serve(model: Path, log: Path, *extra: str) -> Iterator[Server]:
         children = psutil.Process(proc.pid).children(recursive=True)
         yield server
     finally:
+        running = proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(30)
+            code = proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail("the server did not stop within 30 s of SIGTERM")
         _, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, f"processes left behind: {alive}"
+        if running:  # a clean stop, not a crash on the way out
+            assert code == 0, f"exit code {code} after SIGTERM:\n{log.read_text()[-3000:]}"
 
 
 def wait_for_unhealthy(url: str, within: float) -> None:

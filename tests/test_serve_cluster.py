@@ -93,8 +93,9 @@ def test_data_parallel_and_two_api_servers(llama_dir: Path, reference: list[str]
 
 def test_data_parallel_ray(llama_dir: Path, reference: list[str], tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="--data-parallel-backend ray needs pip install -e .[ray]")
+    # Two API servers too: each attaches to actors that the supervisor's Ray session owns.
     with serve(llama_dir, tmp_path / "server.log", "--data-parallel-size", "2",
-               "--data-parallel-backend", "ray") as s:
+               "--data-parallel-backend", "ray", "--api-server-count", "2") as s:
         assert _complete_all(s.url) == reference
         queries = _engine_queries(s.url)
         assert sorted(queries) == ["0", "1"] and all(q > 0 for q in queries.values()), queries

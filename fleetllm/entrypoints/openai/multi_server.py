@@ -152,6 +152,7 @@ def run_multi_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) ->
         except (_Stopped, KeyboardInterrupt):
             logger.info("stopped by a signal during start-up")
             return 0
+        signal.signal(signal.SIGTERM, _raise_stopped)  # ray.init replaces it with an abort
         client = {"config": config, "num_engines": args.data_parallel_size,
                   "num_gpu_blocks": blocks}
         # The servers' request metrics go to files here, so /metrics sums all of them.

@@ -344,6 +344,9 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
         sock = listen_socket(args.host, args.port)
         engine = AsyncLLM.from_engine_args(EngineArgs(**engine_kwargs), args.data_parallel_size,
                                            args.data_parallel_backend)
+        # ray.init installs its own SIGTERM handler, which aborts the process without the
+        # cleanup below: put ours back.
+        signal.signal(signal.SIGTERM, _raise_stopped)
         return serve_http(engine, args, sock, log_config=uvicorn_log_config())
     except (_Stopped, KeyboardInterrupt):
         logger.info("stopped by a signal")
