@@ -88,3 +88,22 @@ def test_killed_engine_fails_generate(llama_dir: Path) -> None:
     finally:
         llm.shutdown()
     assert not _ours()
+
+
+def test_data_parallel_engines_split_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetllm.config import EngineConfig, ModelConfig, ParallelConfig
+    from fleetllm.engine import core_proc
+
+    threads: list[int] = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    config = EngineConfig(ModelConfig.__new__(ModelConfig), parallel_config=ParallelConfig(
+        tensor_parallel_size=2))
+    core_proc._share_cores(config, data_parallel_size=2)
+    assert os.environ["OMP_NUM_THREADS"] == "2" and threads == [2]  # 8 cores / (2 x 2 ranks)
+    core_proc._share_cores(config, data_parallel_size=2)  # an explicit setting wins
+    assert threads == [2]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    core_proc._share_cores(config, data_parallel_size=1)  # one engine: the worker decides
+    assert "OMP_NUM_THREADS" not in os.environ and threads == [2]
