@@ -244,3 +244,15 @@ def test_waiting_driver_sleeps_until_the_reply(tp2: LLM) -> None:
     elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu
     assert elapsed < 1.2
     assert cpu < 0.01, f"the driver used {cpu * 1000:.1f} ms of CPU waiting 1 s"
+
+
+def test_idle_workers_sleep(tp2: LLM) -> None:
+    """Between calls the workers sleep on their wake-up pipes instead of polling the ring
+    (polling every millisecond cost each idle worker ~3% of a core)."""
+    ex = tp2.engine_core.executor
+    workers = [psutil.Process(p.pid) for p in ex.procs]
+    before = [sum(w.cpu_times()[:2]) for w in workers]
+    time.sleep(2.0)
+    used = [sum(w.cpu_times()[:2]) - b for w, b in zip(workers, before)]
+    assert all(u < 0.03 for u in used), f"idle workers used {used} s of CPU in 2 s"
+    assert ex.collective_rpc(_sleepy, args=(0, "awake"), timeout=1) == ["awake", "awake"]

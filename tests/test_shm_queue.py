@@ -150,6 +150,42 @@ def test_dequeue_timeout_leaves_queue_usable(queue: Callable[..., MessageQueue])
             assert reader.dequeue(timeout=5) == msg
 
 
+def test_reader_sleeps_on_its_bell_and_wakes_when_rung(queue: Callable[..., MessageQueue]
+                                                       ) -> None:
+    import threading
+
+    mq = queue(1, max_chunk_bytes=64, max_chunks=2)
+    bell_r, bell_w = os.pipe()
+    os.set_blocking(bell_r, False)
+    try:
+        with MessageQueue.create_from_handle(mq.export_handle(), 0) as reader:
+            mq.wait_until_ready(timeout=5)
+            got: list[tuple[bytes, float, float]] = []
+
+            def read() -> None:
+                cpu = time.thread_time()
+                msg = reader.dequeue(timeout=10, bell=bell_r)
+                got.append((msg, time.monotonic(), time.thread_time() - cpu))
+
+            t = threading.Thread(target=read)
+            t.start()
+            time.sleep(0.5)  # long past the spin: the reader is asleep on the bell
+            sent = time.monotonic()
+            mq.enqueue(b"wake", timeout=5)
+            os.write(bell_w, b"\0")
+            t.join(5)
+            (msg, woke, cpu) = got[0]
+            assert msg == b"wake"
+            assert woke - sent < 0.05  # the ring, not a 0.1 s liveness check, woke it
+            assert cpu < 0.01  # half a second asleep cost next to no CPU
+            # A timeout still ends a wait on the bell.
+            with pytest.raises(TimeoutError):
+                reader.dequeue(timeout=0.2, bell=bell_r)
+    finally:
+        os.close(bell_r)
+        os.close(bell_w)
+
+
 def test_enqueue_times_out_when_a_reader_stalls(queue: Callable[..., MessageQueue]) -> None:
     mq = queue(2, max_chunk_bytes=64, max_chunks=4)
     handle = mq.export_handle()

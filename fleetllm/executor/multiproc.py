@@ -75,6 +75,7 @@ class MultiprocExecutor(Executor):
         self.worker_cls = resolve_obj_by_qualname(WORKER_CLS)
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.response_mqs: list[MessageQueue] = []
+        self._wakeups: list[multiprocessing.connection.Connection] = []
         self.rpc_broadcast_mq = MessageQueue(self.world_size, max_chunk_bytes=1 << 22,
                                              max_chunks=16)
         atexit.register(self.shutdown)  # no orphans even if the user never calls shutdown()
@@ -100,12 +101,19 @@ class MultiprocExecutor(Executor):
         pipes = []
         for rank in range(self.world_size):
             reader, writer = ctx.Pipe(duplex=False)
+            # And the other way: the driver rings each worker's after each call.
+            wake_r, wake_w = ctx.Pipe(duplex=False)
+            os.set_blocking(wake_w.fileno(), False)
+            self._wakeups.append(wake_w)
             proc = ctx.Process(
                 target=worker_main, name=f"fleetllm-worker-{rank}", daemon=True,
                 args=(self.config, rank, rank, init_method, handle, writer, os.getpid(),
-                      die_with_parent, WORKER_CLS, self._bell_w),
+                      die_with_parent, WORKER_CLS, self._bell_w, wake_r),
             )
-            proc.start()
+            try:
+                proc.start()
+            finally:
+                wake_r.close()
             writer.close()
             self.procs.append(proc)
             pipes.append(reader)
@@ -188,6 +196,7 @@ class MultiprocExecutor(Executor):
             try:
                 self.rpc_broadcast_mq.enqueue(message, timeout=timeout,
                                               should_abort=self._aborted)
+                self._wake_workers()
             except TimeoutError:
                 del self._calls[call_id]
                 raise CommunicationTimeoutError(
@@ -262,6 +271,13 @@ class MultiprocExecutor(Executor):
                 os.read(fd, 1 << 16)
             except BlockingIOError:
                 pass
+
+    def _wake_workers(self) -> None:
+        for wake in self._wakeups:
+            try:
+                os.write(wake.fileno(), b"\0")
+            except (BlockingIOError, OSError):
+                pass  # full: it is ringing already; closed: that worker is gone
 
     def _ring(self) -> None:
         try:
@@ -340,6 +356,7 @@ class MultiprocExecutor(Executor):
         if alive and self._failure is None:
             try:
                 self.rpc_broadcast_mq.enqueue(SHUTDOWN, timeout=1.0)
+                self._wake_workers()
             except Exception:
                 pass
         deadline = time.monotonic() + 5.0
@@ -364,6 +381,8 @@ class MultiprocExecutor(Executor):
         if hasattr(self, "_bell_r"):
             self._bell_r.close()
             self._bell_w.close()
+        for wake in self._wakeups:
+            wake.close()
             self._stop_w.close()
         for p in self.procs:
             p.close()

@@ -27,6 +27,7 @@ import math
 import mmap
 import os
 import secrets
+import select
 import shutil
 import struct
 import tempfile
@@ -55,6 +56,8 @@ FIRST_SLEEP_S = 10e-6
 MAX_SLEEP_S = 1e-3
 # should_abort usually checks worker liveness (a syscall); every 10 ms is prompt enough.
 ABORT_POLL_S = 10e-3
+# A reader asleep on a bell checks should_abort (its parent's liveness) less often.
+BELL_ABORT_POLL_S = 0.1
 
 _ALIGN = 64  # a cache line, so one chunk's flags do not share a line with another's data
 _LEN = struct.Struct("<Q")
@@ -311,12 +314,16 @@ class MessageQueue:
     # ---- reader side ----------------------------------------------------------------
 
     def dequeue(self, timeout: float | None = None,
-                should_abort: Callable[[], bool] | None = None) -> bytes:
-        """The next message; on TimeoutError or QueueAbortedError nothing is consumed."""
+                should_abort: Callable[[], bool] | None = None,
+                bell: int | None = None) -> bytes:
+        """The next message; on TimeoutError or QueueAbortedError nothing is consumed.
+
+        bell: a non-blocking pipe the writer writes a byte to after each enqueue. A reader
+        that has spun without luck then sleeps on it (select) instead of polling."""
         self._check_open(writer=False)
         deadline = _deadline(timeout)
         off = self._idx * self._stride
-        self._wait(self._chunk_ready, off, deadline, should_abort, "for a message")
+        self._wait(self._chunk_ready, off, deadline, should_abort, "for a message", bell)
         buf = self._buf
         start = off + self._data_off
         (n,) = _LEN.unpack_from(buf, start)
@@ -346,21 +353,33 @@ class MessageQueue:
     # ---- both -----------------------------------------------------------------------
 
     def _wait(self, ready: Callable[[int], bool], off: int, deadline: float | None,
-              should_abort: Callable[[], bool] | None, what: str) -> None:
+              should_abort: Callable[[], bool] | None, what: str,
+              bell: int | None = None) -> None:
         if ready(off):
             return
         start = time.monotonic()
-        next_abort_check = start + ABORT_POLL_S
+        # Asleep on a bell, the process wakes only for messages and these checks.
+        abort_poll_s = ABORT_POLL_S if bell is None else BELL_ABORT_POLL_S
+        next_abort_check = start + abort_poll_s
         sleep_s = FIRST_SLEEP_S
         while not ready(off):
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise CommunicationTimeoutError(f"{self!r}: timed out waiting {what}")
-            if should_abort is not None and now >= next_abort_check:
-                _check_waiting(None, should_abort, what)
-                next_abort_check = now + ABORT_POLL_S
+            if now >= next_abort_check:
+                if should_abort is not None:
+                    _check_waiting(None, should_abort, what)
+                next_abort_check = now + abort_poll_s
             if now - start < SPIN_S:
                 os.sched_yield()
+            elif bell is not None:
+                wake_by = next_abort_check if deadline is None else min(next_abort_check,
+                                                                         deadline)
+                if select.select([bell], [], [], max(0.0, wake_by - now))[0]:
+                    try:
+                        os.read(bell, 1 << 16)
+                    except BlockingIOError:
+                        pass
             else:
                 time.sleep(sleep_s)
                 sleep_s = min(sleep_s * 2, MAX_SLEEP_S)

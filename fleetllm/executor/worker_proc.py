@@ -34,7 +34,7 @@ def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
 
 def worker_main(config: Any, rank: int, local_rank: int, init_method: str, handle: Handle,
                 ready_pipe: Any, parent_pid: int, use_pdeathsig: bool, worker_cls: str,
-                doorbell: Any = None) -> None:
+                doorbell: Any = None, wakeup: Any = None) -> None:
     # SIGTERM (from shutdown, or from PDEATHSIG) unwinds through the finally below, so the
     # worker still removes what it created.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -55,7 +55,7 @@ def worker_main(config: Any, rank: int, local_rank: int, init_method: str, handl
         broadcast.wait_until_ready(timeout=60, should_abort=parent_gone)
         responses.wait_until_ready(timeout=60, should_abort=parent_gone)
         _serve(wrapper, rank, broadcast, responses, parent_gone,
-               resolve_obj_by_qualname(worker_cls), doorbell)
+               resolve_obj_by_qualname(worker_cls), doorbell, wakeup)
     except QueueAbortedError:
         logger.info("parent process is gone; exiting")
     except Exception as e:  # start-up failed: tell the parent if it is still listening
@@ -115,12 +115,17 @@ def _parent_gone(parent_pid: int) -> bool:
 
 
 def _serve(wrapper: WorkerWrapperBase, rank: int, broadcast: MessageQueue,
-           responses: MessageQueue, parent_gone: Any, cls: type, doorbell: Any = None) -> None:
+           responses: MessageQueue, parent_gone: Any, cls: type, doorbell: Any = None,
+           wakeup: Any = None) -> None:
+    """doorbell: rung after each reply (the driver may sleep on it); wakeup: rung by the
+    driver after each call, so an idle worker sleeps instead of polling."""
     bell = None if doorbell is None else doorbell.fileno()
-    if bell is not None:
-        os.set_blocking(bell, False)
+    wake = None if wakeup is None else wakeup.fileno()
+    for fd in (bell, wake):
+        if fd is not None:
+            os.set_blocking(fd, False)
     while True:
-        data = broadcast.dequeue(should_abort=parent_gone)
+        data = broadcast.dequeue(should_abort=parent_gone, bell=wake)
         if data == SHUTDOWN:
             return
         req = rpc.decode_request(data)
