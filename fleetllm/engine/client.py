@@ -52,6 +52,7 @@ class SyncMPClient:
         self._owns_engines = connection is None
         self.proc_manager: EngineManager | None = None
         self._ipc_paths: list[str] = []
+        self.engines: list[CoreEngine] = []
         self.load: list[int] = []
         self.engine_of: dict[str, int] = {}
         self._buffered: list[EngineCoreOutput] = []
