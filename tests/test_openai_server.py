@@ -252,19 +252,28 @@ def test_probes_are_open_and_metrics_named(server: Server, client: openai.OpenAI
     assert _post(server, "/detokenize", {"tokens": [5, 6]}).json()["prompt"]
 
 
+def kill_engines_mid_stream(server: Server) -> list[str]:
+    """Starts a long stream, kills every engine core once it has begun, checks /health turns
+    503 within 2 s, and returns the stream's remaining `data:` lines."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": MAX_LEN - 2, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH,
+                      timeout=10) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        engines = server.engine_processes()
+        assert engines
+        for engine in engines:
+            engine.suspend()  # so the request is surely still in flight when they die
+        for engine in engines:
+            engine.kill()
+        wait_for_unhealthy(server.url, within=2.0)
+        return [line for line in lines if line.startswith("data: ")]
+
+
 def test_engine_death_fails_health_and_streams(llama_dir: Path, tmp_path: Path) -> None:
     with serve(llama_dir, tmp_path / "server.log") as server:
-        body = {"model": MODEL, "prompt": "x", "max_tokens": MAX_LEN - 2, "stream": True,
-                "ignore_eos": True}
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH,
-                          timeout=10) as stream:
-            lines = stream.iter_lines()
-            assert next(line for line in lines if line.startswith("data: {"))
-            (engine,) = server.engine_processes()
-            engine.suspend()  # so the request is surely still in flight when it dies
-            engine.kill()
-            wait_for_unhealthy(server.url, within=2.0)
-            rest = [line for line in lines if line.startswith("data: ")]
+        rest = kill_engines_mid_stream(server)
         assert any('"error"' in line for line in rest), rest[-3:]
         assert rest[-1] == "data: [DONE]"
         assert _post(server, "/v1/completions", GOOD).status_code == 503

@@ -22,14 +22,13 @@ from fleetllm.entrypoints.openai.server import ENGINE_DEATH_GRACE_S
 from tests.helpers import make_llm, mismatched_checkpoint
 from tests.test_openai_server import (
     API_KEY,
-    AUTH,
     ENV,
     KV,
     MAX_LEN,
     MODEL,
     _free_port,
+    kill_engines_mid_stream,
     serve,
-    wait_for_unhealthy,
 )
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):", "class Point:", "import os",
@@ -126,16 +125,7 @@ def test_supervisor_tears_down_the_tree_when_an_engine_dies(llama_dir: Path,
     log = tmp_path / "server.log"
     with serve(llama_dir, log, "--data-parallel-size", "2", "--api-server-count", "2") as s:
         tree = _tree(s.proc.pid)
-        body = {"model": MODEL, "prompt": "x", "max_tokens": MAX_LEN - 2, "stream": True,
-                "ignore_eos": True}
-        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=AUTH,
-                          timeout=10) as stream:
-            lines = stream.iter_lines()
-            assert next(line for line in lines if line.startswith("data: {"))
-            for engine in s.engine_processes():
-                engine.kill()
-            wait_for_unhealthy(s.url, within=2.0)
-            rest = [line for line in lines if line.startswith("data: ")]
+        rest = kill_engines_mid_stream(s)
         assert any('"error"' in line for line in rest), rest[-3:]
         assert s.proc.wait(ENGINE_DEATH_GRACE_S + 20) != 0
         _, alive = psutil.wait_procs(tree, timeout=10)
