@@ -25,6 +25,13 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy", "sharded_state")
 ROPE_TYPES = ("default", "linear", "llama3")
 # Share of the available RAM the KV cache takes when kv_cache_memory_bytes is not given.
 DEFAULT_KV_CACHE_RAM_FRACTION = 0.2
+# How long one execute_model call may run before its workers count as hung. A cold first
+# step of a large model on a slow CPU takes tens of seconds; a hang is forever. Ten minutes
+# never fires on a merely slow machine, and still ends a stuck collective.
+DEFAULT_EXECUTE_MODEL_TIMEOUT_S = 600.0
+# Worker (and engine-core) restarts allowed within RESTART_WINDOW_S before the engine dies.
+DEFAULT_MAX_WORKER_RESTARTS = 3
+RESTART_WINDOW_S = 600.0
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -212,6 +219,12 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | type | None = "uni"
     rank: int = 0
+    # A class mixed into every worker ("pkg.mod.Class"); its methods are callable by name.
+    worker_extension_cls: str | None = None
+    # Recovery: restarts allowed per RESTART_WINDOW_S (0 disables recovery), and how long
+    # one execute_model call may run before its workers are declared hung.
+    max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS
+    execute_model_timeout_s: float = DEFAULT_EXECUTE_MODEL_TIMEOUT_S
 
     @property
     def world_size(self) -> int:
@@ -290,6 +303,9 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     max_logprobs: int = 20
     async_scheduling: bool = False
+    worker_extension_cls: str | None = None
+    max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS
+    execute_model_timeout_s: float = DEFAULT_EXECUTE_MODEL_TIMEOUT_S
 
     def create_engine_config(self) -> EngineConfig:
         if self.model is None:
@@ -330,6 +346,19 @@ class EngineArgs:
                 "async_scheduling needs a single worker (tensor_parallel_size = "
                 "pipeline_parallel_size = 1): ranks that do not sample would not know the "
                 "token; pipeline parallel already keeps several steps in flight")
+        restarts = self.max_worker_restarts
+        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
+            raise ConfigurationError(
+                f"max_worker_restarts={restarts!r} must be an integer >= 0 (0 disables recovery)")
+        timeout = self.execute_model_timeout_s
+        if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                or not 0 < timeout < float("inf")):
+            raise ConfigurationError(
+                f"execute_model_timeout_s={timeout!r} must be a positive number of seconds")
+        ext = self.worker_extension_cls
+        if ext is not None and (not isinstance(ext, str) or "." not in ext):
+            raise ConfigurationError(
+                f"worker_extension_cls={ext!r} must be a 'package.module.Class' name")
         device = self.device
         if device == "auto":
             import torch
@@ -342,7 +371,10 @@ class EngineArgs:
             scheduler_config=SchedulerConfig(self.max_num_seqs, batched, max_len,
                                              self.async_scheduling),
             parallel_config=ParallelConfig(self.tensor_parallel_size,
-                                           self.pipeline_parallel_size, backend),
+                                           self.pipeline_parallel_size, backend,
+                                           worker_extension_cls=ext,
+                                           max_worker_restarts=restarts,
+                                           execute_model_timeout_s=float(timeout)),
             load_config=LoadConfig(self.load_format),
             device_config=DeviceConfig(device),
         )

@@ -8,7 +8,12 @@ import os
 import sys
 from typing import Any
 
-from fleetllm.config import DTYPES, LOAD_FORMATS
+from fleetllm.config import (
+    DEFAULT_EXECUTE_MODEL_TIMEOUT_S,
+    DEFAULT_MAX_WORKER_RESTARTS,
+    DTYPES,
+    LOAD_FORMATS,
+)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +32,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--distributed-executor-backend", default=None)
+    p.add_argument("--max-worker-restarts", type=int, default=DEFAULT_MAX_WORKER_RESTARTS,
+                   help="worker or engine restarts allowed per 10 minutes before the engine "
+                        "gives up (0: no recovery)")
+    p.add_argument("--execute-model-timeout-s", type=float,
+                   default=DEFAULT_EXECUTE_MODEL_TIMEOUT_S,
+                   help="a step that runs longer counts as hung: its workers are restarted")
+    p.add_argument("--worker-extension-cls", default=None,
+                   help="a 'package.module.Class' mixed into every worker")
 
 
 def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -38,6 +51,9 @@ def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size,
                 distributed_executor_backend=a.distributed_executor_backend,
+                max_worker_restarts=a.max_worker_restarts,
+                execute_model_timeout_s=a.execute_model_timeout_s,
+                worker_extension_cls=a.worker_extension_cls,
                 skip_tokenizer_init=getattr(a, "skip_tokenizer_init", False))
 
 

@@ -65,9 +65,11 @@ class WorkerWrapperBase:
 
     def init_worker(self, config: EngineConfig, **kwargs: Any) -> None:
         cls = resolve_obj_by_qualname(self.worker_cls)
-        if self.worker_extension_cls:
-            ext = resolve_obj_by_qualname(self.worker_extension_cls)
-            cls = type(cls.__name__, (cls, ext), {})
+        ext_name = self.worker_extension_cls or config.parallel_config.worker_extension_cls
+        if ext_name:
+            ext = resolve_obj_by_qualname(ext_name)
+            # The extension comes first, so it may also wrap worker methods (super() calls).
+            cls = type(cls.__name__, (ext, cls), {})
         self.worker = cls(config, **kwargs)
 
     def execute_method(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
