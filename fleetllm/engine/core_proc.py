@@ -159,7 +159,8 @@ class EngineCoreProc:
             r = self.request_decoder.decode(payload)
             self.client_of[r.request_id] = client
             self.core.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params,
-                                          tuple(r.eos_token_ids), r.cache_salt))
+                                          tuple(r.eos_token_ids), r.cache_salt,
+                                          r.output_token_ids))
         elif kind == EngineCoreRequestType.ABORT:
             ids = msgspec.msgpack.decode(payload, type=list[str])
             for rid in ids:

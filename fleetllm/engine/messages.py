@@ -27,6 +27,9 @@ class EngineCoreRequest(msgspec.Struct, array_like=True):
     sampling_params: SamplingParams
     eos_token_ids: list[int]
     cache_salt: str | None = ""
+    # Tokens the request already produced elsewhere (it is resumed after an engine died);
+    # the engine recomputes them and goes on from there.
+    output_token_ids: list[int] = msgspec.field(default_factory=list)
 
 
 class UtilityCall(msgspec.Struct, array_like=True):

@@ -34,12 +34,14 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, eos_token_ids: tuple[int, ...] = (),
-                 cache_salt: str | None = "") -> None:
+                 cache_salt: str | None = "", output_token_ids: list[int] | None = None) -> None:
         self.request_id = request_id
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.all_token_ids: list[int] = list(prompt_token_ids)
+        # output_token_ids: tokens already produced (a request resumed on another engine),
+        # recomputed as a preempted request's are; max_tokens and seeds count them.
+        self.all_token_ids: list[int] = [*prompt_token_ids, *(output_token_ids or ())]
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # set when first scheduled
