@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fleetllm.distributed.comm import collective
+
 
 @dataclass
 class ParallelContext:
@@ -36,15 +38,25 @@ class ParallelContext:
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return x
-        torch.distributed.all_reduce(x, group=self.tp_group)
+        _all_reduce(x, self.tp_group)
         return x
 
     def tp_all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.tp_size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
-        torch.distributed.all_gather(parts, x.contiguous(), group=self.tp_group)
+        _all_gather(parts, x.contiguous(), self.tp_group)
         return torch.cat(parts, dim=dim)
+
+
+@collective
+def _all_reduce(x: torch.Tensor, group: Any) -> None:
+    torch.distributed.all_reduce(x, group=group)
+
+
+@collective
+def _all_gather(parts: list[torch.Tensor], x: torch.Tensor, group: Any) -> None:
+    torch.distributed.all_gather(parts, x, group=group)
 
 
 def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str,

@@ -40,27 +40,24 @@ class EngineCore:
         logger.info("engine ready in %.2f s", self.startup_seconds)
 
     def _initialize_kv_caches(self, config: EngineConfig) -> int:
-        specs = self.executor.get_kv_cache_specs()
-        available = self.executor.determine_available_memory()
-        page = [sum(s.page_size_bytes for s in spec.values()) for spec in specs]
-        num_blocks = min(mem // p for mem, p in zip(available, page))
+        num_blocks, layer_names, page = self.executor.determine_num_blocks()
         bs = config.cache_config.block_size
         max_len = config.scheduler_config.max_model_len
         blocks_per_seq = -(-max_len // bs)
         if num_blocks - 1 < blocks_per_seq:
-            need = (blocks_per_seq + 1) * max(page)
+            need = (blocks_per_seq + 1) * page
             raise ConfigurationError(
                 f"the KV cache holds {max(num_blocks - 1, 0)} blocks of {bs} tokens, fewer than "
                 f"one sequence of max_model_len={max_len} needs ({blocks_per_seq}); raise "
                 f"kv_cache_memory_bytes to at least {need} or lower max_model_len"
             )
-        layer_names = sorted({name for spec in specs for name in spec})
         self.executor.initialize_from_config(
-            [KVCacheConfig(num_blocks, layer_names) for _ in specs])
+            [KVCacheConfig(num_blocks, layer_names)
+             for _ in range(config.parallel_config.world_size)])
         usable = (num_blocks - 1) * bs
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per worker); maximum "
                     "concurrency for %d-token requests: %.2fx", num_blocks, bs, usable,
-                    num_blocks * max(page) / 2**20, max_len, usable / max_len)
+                    num_blocks * page / 2**20, max_len, usable / max_len)
         return num_blocks
 
     def add_request(self, request: Request) -> None:

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 
 from fleetllm.config import EngineConfig
+from fleetllm.errors import ConfigurationError, WorkerCrashedError
+from fleetllm.executor.calls import CallTable, FailureCallback
 from fleetllm.sched.output import KVCacheConfig, KVCacheSpec, ModelRunnerOutput, SchedulerOutput
 from fleetllm.worker.worker_base import resolve_obj_by_qualname
 
 logger = logging.getLogger(__name__)
 
-FailureCallback = Callable[[], None]
 
 
 class ExecutionMetrics:
@@ -54,6 +55,10 @@ BACKENDS = ("uni", "mp", "ray", "external_launcher")
 class Executor(ABC):
     uses_ray: bool = False
     supports_pp: bool = False
+    # Whether restart_failed_workers() can replace the workers (they live in other
+    # processes); such executors also bound each step by execute_model_timeout_s.
+    can_restart: bool = False
+    table: CallTable | None = None  # the multi-worker executors' one call table
 
     @staticmethod
     def get_class(config: EngineConfig) -> type[Executor]:
@@ -79,7 +84,7 @@ class Executor(ABC):
         elif isinstance(backend, str) and "." in backend:
             cls = resolve_obj_by_qualname(backend)
         else:
-            raise ValueError(
+            raise ConfigurationError(
                 f"unknown distributed_executor_backend {backend!r}; choose one of "
                 f"{', '.join(BACKENDS)}, an Executor subclass, or a 'package.module.Class' name"
             )
@@ -98,6 +103,8 @@ class Executor(ABC):
         self.is_sleeping = False
         self.sleeping_tags: set[str] = set()
         self.metrics = ExecutionMetrics()
+        self.kv_cache_configs: list[KVCacheConfig] = []
+        self.num_restarts = 0
         self._init_executor()
 
     @abstractmethod
@@ -118,9 +125,49 @@ class Executor(ABC):
     def initialize_from_config(self, kv_cache_configs: list[KVCacheConfig]) -> None:
         self.collective_rpc("initialize_from_config", args=(kv_cache_configs[0],))
         self.collective_rpc("compile_or_warm_up_model")
+        self.kv_cache_configs = list(kv_cache_configs)
 
-    def register_failure_callback(self, callback: FailureCallback) -> None:  # noqa: B027
-        """Called once if the executor enters a permanent failed state."""
+    def determine_num_blocks(self) -> tuple[int, list[str], int]:
+        """(KV blocks every worker can hold, layer names, the largest page size in bytes)."""
+        specs = self.get_kv_cache_specs()
+        available = self.determine_available_memory()
+        page = [sum(s.page_size_bytes for s in spec.values()) for spec in specs]
+        num_blocks = min(mem // p for mem, p in zip(available, page))
+        return num_blocks, sorted({name for spec in specs for name in spec}), max(page)
+
+    def register_failure_callback(self, callback: FailureCallback) -> None:
+        """Called once each time the executor fails (a worker died, hung, or lost a peer);
+        restart_failed_workers() re-arms it for the next failure. Executors without a call
+        table (uni, external_launcher) never fail this way."""
+        if self.table is not None:
+            self.table.register_failure_callback(callback)
+
+    def restart_failed_workers(self) -> int:
+        """Stops what is left of the worker group, starts fresh workers with a new
+        rendezvous (tensor- and pipeline-parallel groups rebuilt), loads the weights, and
+        rebuilds the KV cache; returns its number of blocks (never more than before, so
+        the scheduler's block ids stay valid)."""
+        if not self.can_restart:
+            raise WorkerCrashedError(
+                f"the {type(self).__name__} runs its worker in this process and cannot "
+                "restart it; use distributed_executor_backend='mp' or 'ray' for recovery")
+        if not self.kv_cache_configs:
+            raise RuntimeError("restart_failed_workers() before the KV cache was initialized")
+        start = time.perf_counter()
+        self._replace_workers()
+        fits, names, _ = self.determine_num_blocks()
+        num_blocks = min(fits, self.kv_cache_configs[0].num_blocks)
+        self.initialize_from_config([KVCacheConfig(num_blocks, names)
+                                     for _ in self.kv_cache_configs])
+        self.is_sleeping, self.sleeping_tags = False, set()
+        self.num_restarts += 1
+        logger.warning("restarted %d workers in %.2f s (%d KV blocks)",
+                       self.parallel_config.world_size, time.perf_counter() - start, num_blocks)
+        return num_blocks
+
+    def _replace_workers(self) -> None:
+        """Ends the current worker group and starts a new one (workers loaded, no KV)."""
+        raise NotImplementedError
 
     def determine_available_memory(self) -> list[int]:
         return self.collective_rpc("determine_available_memory")
@@ -140,7 +187,9 @@ class Executor(ABC):
                       non_block: bool = False) -> ModelRunnerOutput | Future[ModelRunnerOutput]:
         start = time.perf_counter()
         reply = self.execute_model_reply_rank
-        extra = {} if reply is None else {"unique_reply_rank": reply}
+        extra: dict[str, Any] = {} if reply is None else {"unique_reply_rank": reply}
+        if self.can_restart:  # a step that overruns counts as hung workers: a crash
+            extra["hang_timeout"] = self.parallel_config.execute_model_timeout_s
         result = self.collective_rpc("execute_model", args=(scheduler_output,),
                                      non_block=non_block, **extra)[0]
         tokens = scheduler_output.total_num_scheduled_tokens

@@ -9,7 +9,6 @@ the failure callback once. Waiting happens in the caller's thread (no hand-off l
 
 from __future__ import annotations
 
-import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -18,13 +17,13 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from fleetllm.errors import CommunicationTimeoutError, WorkerCrashedError
-from fleetllm.executor import rpc
-from fleetllm.executor.abstract import Executor, FailureCallback
-from fleetllm.executor.futures import CallFuture
+from fleetllm.errors import WorkerCrashedError
+from fleetllm.executor.abstract import Executor
+from fleetllm.executor.calls import CallTable, Reply
 from fleetllm.executor.shm_queue import MessageQueue, reclaim_orphan
 from fleetllm.executor.worker_proc import SHUTDOWN, worker_main
 from fleetllm.worker.worker_base import resolve_obj_by_qualname
@@ -33,11 +32,7 @@ logger = logging.getLogger(__name__)
 
 WORKER_CLS = "fleetllm.worker.worker.Worker"
 STARTUP_TIMEOUT_S = 300.0
-_LINK_ERRORS = ("Connection reset", "Connection closed", "Broken pipe", "NCCL", "gloo")
 SPIN_S = 2e-4
-# The longest a waiting driver sleeps without a ring: the monitor rings on a crash, and a
-# call's own deadline shortens it, so this only bounds a missed ring.
-BELL_WAIT_S = 0.05
 
 
 def get_open_port() -> int:
@@ -46,58 +41,37 @@ def get_open_port() -> int:
         return s.getsockname()[1]
 
 
-class _Call:
-    __slots__ = ("call_id", "method", "expect", "results", "error")
+class _WorkerGroup:
+    """One generation of worker processes and their rings: the mp transport of the call
+    table. restart_failed_workers closes a group and starts the next one."""
 
-    def __init__(self, call_id: int, method: Any, expect: list[int]) -> None:
-        self.call_id = call_id
-        self.method = method
-        self.expect = expect  # ranks whose reply completes the call
-        self.results: dict[int, Any] = {}
-        self.error: BaseException | None = None
+    spin_s = SPIN_S
 
-    def done(self) -> bool:
-        return self.error is not None or len(self.results) == len(self.expect)
-
-
-class MultiprocExecutor(Executor):
-    supports_pp = True
-
-    def _init_executor(self) -> None:
-        self._closed = False
-        self._failure: WorkerCrashedError | None = None
-        self._failure_callbacks: list[FailureCallback] = []
-        self._lock = threading.RLock()
-        self._calls: dict[int, _Call] = {}
-        self._waiters = 0  # threads in _resolve
-        self._next_id = 0
-        self.world_size = self.parallel_config.world_size
-        self.worker_cls = resolve_obj_by_qualname(WORKER_CLS)
+    def __init__(self, config: Any, world_size: int) -> None:
+        self.config = config
+        self.world_size = world_size
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.response_mqs: list[MessageQueue] = []
         self._wakeups: list[multiprocessing.connection.Connection] = []
-        self.rpc_broadcast_mq = MessageQueue(self.world_size, max_chunk_bytes=1 << 22,
+        self.dropped: set[int] = set()  # dead ranks the ring no longer waits for
+        self._closed = False
+        self._monitor: threading.Thread | None = None
+        self._stop_r = self._stop_w = None
+        self.rpc_broadcast_mq = MessageQueue(world_size, max_chunk_bytes=1 << 22,
                                              max_chunks=16)
-        atexit.register(self.shutdown)  # no orphans even if the user never calls shutdown()
-        try:
-            self._start_workers()
-            self.collective_rpc("init_device")
-            self.collective_rpc("load_model")
-        except BaseException:
-            self.shutdown()
-            raise
-
-    # ---- start-up ---------------------------------------------------------------------
-    def _start_workers(self) -> None:
         ctx = multiprocessing.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{get_open_port()}"
-        handle = self.rpc_broadcast_mq.export_handle()
-        die_with_parent = threading.current_thread() is threading.main_thread()
         # The doorbell: a worker writes a byte after each reply, so a driver waiting through
         # a long step sleeps in select() instead of waking every millisecond to poll.
         self._bell_r, self._bell_w = ctx.Pipe(duplex=False)
         os.set_blocking(self._bell_r.fileno(), False)
         os.set_blocking(self._bell_w.fileno(), False)
+
+    # ---- start-up ---------------------------------------------------------------------
+    def start(self, table: CallTable) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{get_open_port()}"
+        handle = self.rpc_broadcast_mq.export_handle()
+        die_with_parent = threading.current_thread() is threading.main_thread()
         pipes = []
         for rank in range(self.world_size):
             reader, writer = ctx.Pipe(duplex=False)
@@ -114,62 +88,193 @@ class MultiprocExecutor(Executor):
                 proc.start()
             finally:
                 wake_r.close()
-            writer.close()
+                writer.close()
             self.procs.append(proc)
             pipes.append(reader)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        for rank, (proc, pipe) in enumerate(zip(self.procs, pipes)):
-            ready = None
-            while ready is None:
-                if pipe.poll(0.1):
-                    try:
-                        ready = pipe.recv()
-                    except EOFError:
-                        ready = {"error": "exited during start-up (its error is in the log "
-                                 "above; a script that starts engines must guard its entry "
-                                 "point with `if __name__ == '__main__':`)"}
-                elif not proc.is_alive():
-                    ready = {"error": f"exited with code {proc.exitcode} during start-up"}
-                elif time.monotonic() > deadline:
-                    ready = {"error": f"did not start within {STARTUP_TIMEOUT_S:.0f} s"}
-            pipe.close()
-            if "error" in ready:
-                raise WorkerCrashedError(f"worker rank {rank} (pid {proc.pid}) {ready['error']}")
-            self.response_mqs.append(MessageQueue.create_from_handle(ready["handle"], 0))
+        try:
+            for rank, (proc, pipe) in enumerate(zip(self.procs, pipes)):
+                self.response_mqs.append(_await_worker_ready(rank, proc, pipe))
+        finally:
+            for pipe in pipes:
+                pipe.close()
         self.rpc_broadcast_mq.wait_until_ready(timeout=60)
         for mq in self.response_mqs:
             mq.wait_until_ready(timeout=60)
         self._stop_r, self._stop_w = multiprocessing.connection.Pipe(duplex=False)
-        self._monitor = threading.Thread(target=self._monitor_workers, daemon=True,
+        # The monitor holds the group and the table, never the executor, so dropping the
+        # executor still lets its finalizer run.
+        self._monitor = threading.Thread(target=_monitor_workers, daemon=True,
+                                         args=(self.procs, self._stop_r, table, self),
                                          name="fleetllm-mp-monitor")
         self._monitor.start()
 
-    def _monitor_workers(self) -> None:
-        sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self.procs)}
-        ready = multiprocessing.connection.wait([*sentinels, self._stop_r])
-        if self._closed or self._stop_r in ready:
-            return
-        dead = [sentinels[s] for s in ready if s in sentinels]
-        rank, proc = dead[0]
-        proc.join(1.0)
-        failure = WorkerCrashedError(
-            f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}; the "
-            "executor cannot continue: shut it down and start a new engine")
-        logger.error("%s", failure)
-        # Callbacks first, so whoever sees the failure also sees its consequences.
-        for callback in self._failure_callbacks:
-            try:
-                callback()
-            except Exception:
-                logger.exception("failure callback raised")
-        self._failure = failure
-        self._ring()  # a waiting call wakes up and fails now
+    # ---- the transport ----------------------------------------------------------------
+    def send(self, call_id: int, message: bytes, timeout: float | None,
+             dead: set[int]) -> None:
+        self.rpc_broadcast_mq.enqueue(message, timeout=timeout, should_abort=self._aborted)
+        self._wake_workers()
 
-    def register_failure_callback(self, callback: FailureCallback) -> None:
-        if self._failure is not None:
-            callback()
-        else:
-            self._failure_callbacks.append(callback)
+    def _aborted(self) -> bool:
+        """A live reader that died would never free its chunk: stop waiting for it."""
+        return self._closed or any(not p.is_alive() for r, p in enumerate(self.procs)
+                                   if r not in self.dropped)
+
+    def drain(self) -> list[Reply]:
+        replies = []
+        for rank, mq in enumerate(self.response_mqs):
+            while rank not in self.dropped and mq.poll():
+                replies.append(Reply(rank, mq.dequeue()))
+        return replies
+
+    def sleep(self, timeout: float) -> None:
+        """Sleeps until a worker replies (or the monitor or shutdown rings), then drains."""
+        fd = self._bell_r.fileno()
+        if select.select([fd], [], [], timeout)[0]:
+            try:
+                os.read(fd, 1 << 16)
+            except BlockingIOError:
+                pass
+
+    def wake(self) -> None:
+        try:
+            os.write(self._bell_w.fileno(), b"\0")
+        except (BlockingIOError, OSError):
+            pass  # full: it is ringing already; closed: nobody waits any more
+
+    def _wake_workers(self) -> None:
+        for wake in self._wakeups:
+            try:
+                os.write(wake.fileno(), b"\0")
+            except (BlockingIOError, OSError):
+                pass  # full: it is ringing already; closed: that worker is gone
+
+    def drop_rank(self, rank: int) -> None:
+        """A dead rank: the survivors keep receiving calls (partial results)."""
+        if self._closed or rank in self.dropped:
+            return
+        self.dropped.add(rank)
+        self.rpc_broadcast_mq.drop_reader(rank)
+
+    # ---- shutdown ---------------------------------------------------------------------
+    def close(self, graceful: bool) -> None:
+        """Ends every process of the group (asking first when graceful, killing at once
+        otherwise: a hung or stopped worker cannot answer) and frees its rings and pipes."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stop_w is not None:
+            self._stop_w.send(b"")
+        if graceful and all(p.is_alive() for p in self.procs):
+            try:
+                self.rpc_broadcast_mq.enqueue(SHUTDOWN, timeout=1.0)
+                self._wake_workers()
+            except Exception:
+                graceful = False
+        if graceful:
+            deadline = time.monotonic() + 5.0
+            for p in self.procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive() and graceful:
+                p.terminate()
+                p.join(2.0)
+            if p.is_alive():
+                p.kill()  # SIGKILL also ends a SIGSTOPped process
+                p.join(2.0)
+        for mq in self.response_mqs:
+            mq.close()
+        for proc, mq in zip(self.procs, self.response_mqs):
+            if proc.exitcode != 0 and reclaim_orphan(mq.handle):
+                logger.info("reclaimed the reply queue of worker pid %d", proc.pid)
+        self.rpc_broadcast_mq.close()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(2.0)
+        for conn in (self._stop_r, self._stop_w, self._bell_r, self._bell_w, *self._wakeups):
+            if conn is not None:
+                conn.close()
+        for p in self.procs:
+            if p.exitcode is not None:
+                p.close()
+        self.procs = []
+
+
+def _await_worker_ready(rank: int, proc: multiprocessing.process.BaseProcess,
+                        pipe: multiprocessing.connection.Connection) -> MessageQueue:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    ready = None
+    while ready is None:
+        if pipe.poll(0.1):
+            try:
+                ready = pipe.recv()
+            except EOFError:
+                ready = {"error": "exited during start-up (its error is in the log above; "
+                         "a script that starts engines must guard its entry point with "
+                         "`if __name__ == '__main__':`)"}
+        elif not proc.is_alive():
+            ready = {"error": f"exited with code {proc.exitcode} during start-up"}
+        elif time.monotonic() > deadline:
+            ready = {"error": f"did not start within {STARTUP_TIMEOUT_S:.0f} s"}
+    if "error" in ready:
+        raise WorkerCrashedError(f"worker rank {rank} (pid {proc.pid}) {ready['error']}")
+    return MessageQueue.create_from_handle(ready["handle"], 0)
+
+
+def _monitor_workers(procs: list[multiprocessing.process.BaseProcess],
+                     stop: multiprocessing.connection.Connection, table: CallTable,
+                     group: _WorkerGroup) -> None:
+    """Turns each worker death into the table's typed crash signal, at once."""
+    sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(procs)}
+    while sentinels:
+        ready = multiprocessing.connection.wait([*sentinels, stop])
+        if stop in ready or group._closed:
+            return
+        for s in ready:
+            rank, proc = sentinels.pop(s)
+            proc.join(1.0)
+            with table.lock:  # the ring must skip it before anyone sends again
+                group.drop_rank(rank)
+            table.rank_died(rank, f"(pid {proc.pid}) died with exit code {proc.exitcode}")
+
+
+class MultiprocExecutor(Executor):
+    supports_pp = True
+    can_restart = True
+
+    def _init_executor(self) -> None:
+        self.world_size = self.parallel_config.world_size
+        self.worker_cls = resolve_obj_by_qualname(WORKER_CLS)
+        # The finalizer closes whatever group is current; it holds this list, not the
+        # executor, so dropping the executor ends its workers.
+        self._groups: list[_WorkerGroup] = []
+        self._finalizer = weakref.finalize(self, _close_groups, self._groups, True)
+        group = self._new_group()
+        self.table = CallTable(group, self.worker_cls)
+        try:
+            self._start(group)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _new_group(self) -> _WorkerGroup:
+        group = _WorkerGroup(self.config, self.world_size)
+        self._groups.append(group)
+        return group
+
+    def _start(self, group: _WorkerGroup) -> None:
+        group.start(self.table)
+        self.collective_rpc("init_device")
+        self.collective_rpc("load_model")
+
+    @property
+    def procs(self) -> list[multiprocessing.process.BaseProcess]:
+        return self._groups[-1].procs if self._groups else []
+
+    def _replace_workers(self) -> None:
+        old = self._groups.pop()
+        old.close(graceful=False)
+        group = self._new_group()
+        self.table.reset(group)
+        self._start(group)
 
     # ---- calls ------------------------------------------------------------------------
     @property
@@ -179,161 +284,14 @@ class MultiprocExecutor(Executor):
     def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
                        args: tuple = (), kwargs: dict[str, Any] | None = None,
                        non_block: bool = False, return_exceptions: bool = False,
-                       unique_reply_rank: int | None = None) -> list[Any]:
-        if self._closed:
-            raise RuntimeError("the executor has been shut down")
-        if self._failure is not None:
-            raise self._failure
-        with self._lock:
-            call_id = self._next_id
-            self._next_id += 1
-            expect = list(range(self.world_size)) if unique_reply_rank is None else [
-                unique_reply_rank]
-            call = _Call(call_id, method, expect)
-            self._calls[call_id] = call
-            message = rpc.make_request(call_id, method, args, kwargs or {},
-                                       -1 if unique_reply_rank is None else unique_reply_rank)
-            try:
-                self.rpc_broadcast_mq.enqueue(message, timeout=timeout,
-                                              should_abort=self._aborted)
-                self._wake_workers()
-            except TimeoutError:
-                del self._calls[call_id]
-                raise CommunicationTimeoutError(
-                    f"could not hand collective_rpc({_name(method)!r}) to the workers within "
-                    f"{timeout} s: they are still busy") from None
-        futures = [CallFuture(self, call, rank, return_exceptions) for rank in expect]
-        if non_block:
-            return futures
-        try:
-            return [f.result(timeout) for f in futures]
-        except CommunicationTimeoutError:
-            with self._lock:
-                self._calls.pop(call_id, None)  # its late replies will be dropped
-            raise
-
-
-    def _aborted(self) -> bool:
-        return self._failure is not None or self._closed
-
-    def _resolve(self, call: _Call, timeout: float | None, return_exceptions: bool) -> None:
-        """Reads replies (for any call) until `call` is complete, fails, or times out."""
-        with self._lock:
-            self._waiters += 1
-        try:
-            self._wait_for(call, timeout)
-        finally:
-            with self._lock:
-                self._waiters -= 1
-        with self._lock:  # not on a timeout: a future may still be waited for again
-            self._calls.pop(call.call_id, None)
-        if call.error is not None and not isinstance(call.error, WorkerCrashedError):
-            original, call.error = call.error, self._crash_behind(call.error)
-            for rank, value in call.results.items():
-                if value is original:
-                    call.results[rank] = call.error
-        if call.error is not None and not return_exceptions:
-            raise call.error
-
-    def _wait_for(self, call: _Call, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.0
-        spin_until = time.monotonic() + SPIN_S
-        while not call.done():
-            if self._poll_once():
-                pause = 0.0
-                continue
-            if self._failure is not None:
-                call.error = self._failure
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise CommunicationTimeoutError(
-                    f"collective_rpc({_name(call.method)!r}) did not finish within {timeout} s; "
-                    "its late reply will be discarded")
-            # Spin briefly, yielding the core (a no-op call answers in tens of microseconds,
-            # and a sleep costs at least ~50 us of timer slack), then sleep until the
-            # doorbell rings. A second waiting thread could miss a ring the first one
-            # drained, so with company it backs off with short sleeps instead.
-            if time.monotonic() < spin_until:
-                os.sched_yield()
-            elif self._waiters == 1:
-                left = BELL_WAIT_S if deadline is None else deadline - time.monotonic()
-                self._await_bell(min(BELL_WAIT_S, max(left, 0.0)))
-            else:
-                time.sleep(pause)
-                pause = min(pause * 2 or 5e-5, 1e-3)
-
-    def _await_bell(self, timeout: float) -> None:
-        """Sleeps until a worker replies (or the monitor or shutdown rings), then drains."""
-        fd = self._bell_r.fileno()
-        if select.select([fd], [], [], timeout)[0]:
-            try:
-                os.read(fd, 1 << 16)
-            except BlockingIOError:
-                pass
-
-    def _wake_workers(self) -> None:
-        for wake in self._wakeups:
-            try:
-                os.write(wake.fileno(), b"\0")
-            except (BlockingIOError, OSError):
-                pass  # full: it is ringing already; closed: that worker is gone
-
-    def _ring(self) -> None:
-        try:
-            os.write(self._bell_w.fileno(), b"\0")
-        except (BlockingIOError, OSError):
-            pass  # full: it is ringing already; closed: nobody waits any more
-
-    def _crash_behind(self, error: BaseException) -> BaseException:
-        """A peer's death usually reaches a surviving rank first as a communication error;
-        report it as the crash it is."""
-        # The reply can beat the dead process's exit, so a connection error waits for the
-        # monitor too; any other exception is the worker's own and returns at once.
-        broken_link = any(s in str(error) for s in _LINK_ERRORS)
-        if not broken_link and all(p.is_alive() for p in self.procs):
-            return error
-        deadline = time.monotonic() + 1.0
-        while self._failure is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if self._failure is None:
-            return error
-        crash = WorkerCrashedError(str(self._failure).split("] ", 1)[-1])
-        crash.__cause__ = error
-        return crash
-
-    def _poll_call(self, call: _Call) -> None:
-        self._poll_once()
-
-    def _poll_once(self) -> bool:
-        got = False
-        with self._lock:
-            for mq in self.response_mqs:
-                if mq.poll():
-                    got = True
-                    self._route(rpc.decode_response(mq.dequeue()))
-        return got
-
-    def _route(self, resp: rpc.RpcResponse) -> None:
-        call = self._calls.get(resp.call_id)
-        if call is None:  # a reply to a call that timed out or already completed
-            if resp.error is not None:
-                logger.error("worker rank %d failed call %d after it had completed: %s: %s",
-                             resp.rank, resp.call_id, resp.error.type_name, resp.error.message)
-            return
-        if resp.error is not None:
-            error = rpc.rebuild_error(resp.error, resp.rank)
-            if resp.rank in call.expect:
-                call.results[resp.rank] = error
-            if resp.rank not in call.expect or len(call.expect) == 1:
-                call.error = error  # a non-replying rank failed: the call cannot finish
-            return
-        call.results[resp.rank] = rpc.unpack_result(resp, self.worker_cls, call.method)
+                       unique_reply_rank: int | None = None,
+                       hang_timeout: float | None = None) -> list[Any]:
+        return self.table.collective_rpc(method, timeout, args, kwargs, non_block,
+                                         return_exceptions, unique_reply_rank, hang_timeout)
 
     # ---- health and shutdown ----------------------------------------------------------
     def check_health(self) -> None:
-        if self._failure is not None:
-            raise self._failure
+        self.table.check_usable()
         dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
         if dead:
             raise WorkerCrashedError(f"worker rank(s) {dead} are not running")
@@ -347,48 +305,20 @@ class MultiprocExecutor(Executor):
         return pp if pp > 1 else (2 if self.scheduler_config.async_scheduling else 1)
 
     def shutdown(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
-        if hasattr(self, "_stop_w"):
-            self._stop_w.send(b"")
-        alive = [p for p in self.procs if p.is_alive()]
-        if alive and self._failure is None:
-            try:
-                self.rpc_broadcast_mq.enqueue(SHUTDOWN, timeout=1.0)
-                self._wake_workers()
-            except Exception:
-                pass
-        deadline = time.monotonic() + 5.0
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(2.0)
-            if p.is_alive():
-                p.kill()
-                p.join(2.0)
-        for mq in self.response_mqs:
-            mq.close()
-        for proc, mq in zip(self.procs, self.response_mqs):
-            if proc.exitcode != 0 and reclaim_orphan(mq.handle):
-                logger.info("reclaimed the reply queue of worker pid %d", proc.pid)
-        self.rpc_broadcast_mq.close()
-        if hasattr(self, "_monitor"):
-            self._monitor.join(2.0)
-            self._stop_r.close()
-        if hasattr(self, "_bell_r"):
-            self._bell_r.close()
-            self._bell_w.close()
-        for wake in self._wakeups:
-            wake.close()
-            self._stop_w.close()
-        for p in self.procs:
-            p.close()
-        self.procs = []
-        atexit.unregister(self.shutdown)
+        table = getattr(self, "table", None)
+        if table is not None:
+            table.close()
+            if table.failure is not None:  # survivors may be stuck: no goodbyes
+                for group in self._groups:
+                    group.close(graceful=False)
+        if hasattr(self, "_finalizer"):
+            self._finalizer()
 
 
-def _name(method: Any) -> str:
-    return getattr(method, "__name__", str(method))
+def _close_groups(groups: list[_WorkerGroup], graceful: bool) -> None:
+    for group in groups:
+        try:
+            group.close(graceful and group.procs and all(p.is_alive() for p in group.procs))
+        except Exception:
+            logger.warning("closing a worker group failed", exc_info=True)
+    groups.clear()

@@ -285,6 +285,16 @@ class MessageQueue:
         buf[off] = 1  # last: publishes the chunk
         self._idx = (self._idx + 1) % self.handle.max_chunks
 
+    def drop_reader(self, reader_rank: int) -> None:
+        """Writer: a reader that died never reads again, so its flag counts as read, in the
+        chunks already written and in every later one; the others go on receiving."""
+        self._check_open(writer=True)
+        flags = bytearray(self._none_read)
+        flags[reader_rank] = 1
+        self._none_read = bytes(flags)
+        for i in range(self.handle.max_chunks):
+            self._buf[i * self._stride + 1 + reader_rank] = 1
+
     def _chunk_free(self, off: int) -> bool:
         buf = self._buf
         return buf[off] == 0 or buf[off + 1:off + 1 + self.handle.n_reader] == self._all_read
