@@ -17,7 +17,12 @@ import pytest
 import torch
 
 from fleetllm import LLM, SamplingParams
-from fleetllm.errors import CommunicationTimeoutError, ConfigurationError, WorkerCrashedError
+from fleetllm.errors import (
+    CommunicationTimeoutError,
+    ConfigurationError,
+    EngineDeadError,
+    WorkerCrashedError,
+)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
 KV = 1 << 24
@@ -140,10 +145,11 @@ def test_performance_metrics_per_worker(tp2: LLM) -> None:
     assert all(w["rss_bytes"] > 0 and w["weights_bytes"] > 0 for w in m["resource_utilization"])
 
 
-def test_killed_worker_fails_generate_and_fires_callback(llama_dir: Path) -> None:
+def test_killed_worker_without_recovery_kills_the_engine_and_its_workers(llama_dir: Path
+                                                                         ) -> None:
     llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV, distributed_executor_backend="mp",
-              tensor_parallel_size=2)
-    pids = [p.pid for p in llm.engine_core.executor.procs]
+              tensor_parallel_size=2, max_worker_restarts=0)
+    procs = [psutil.Process(p.pid) for p in llm.engine_core.executor.procs]
     fired: list[float] = []
     llm.engine_core.executor.register_failure_callback(lambda: fired.append(time.monotonic()))
     killed: list[float] = []
@@ -151,21 +157,23 @@ def test_killed_worker_fails_generate_and_fires_callback(llama_dir: Path) -> Non
     def kill_soon() -> None:
         time.sleep(0.5)
         killed.append(time.monotonic())
-        os.kill(pids[1], signal.SIGKILL)
+        os.kill(procs[1].pid, signal.SIGKILL)
 
     threading.Thread(target=kill_soon, daemon=True).start()
     many = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     try:
-        with pytest.raises(WorkerCrashedError, match="E002"):
+        with pytest.raises(EngineDeadError, match="E002") as info:
             llm.generate(_prompts(8) * 4, many, use_tqdm=False)
+        assert isinstance(info.value.__cause__, WorkerCrashedError)
         assert len(fired) == 1 and fired[0] - killed[0] < 1.0
-        with pytest.raises(WorkerCrashedError):
-            llm.collective_rpc("check_health")
+        # An engine that gives up ends the surviving worker at once, not at interpreter exit.
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        assert not alive
+        with pytest.raises(EngineDeadError, match="max_worker_restarts"):
+            llm.generate(_prompts(1), many, use_tqdm=False)
     finally:
         llm.shutdown()
     llm.shutdown()  # idempotent
-    for pid in pids:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
 LEAK_SCRIPT = """

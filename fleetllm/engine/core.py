@@ -1,4 +1,17 @@
-"""EngineCore: the scheduler driving an Executor, one step at a time."""
+"""EngineCore: the scheduler driving an Executor, one step at a time, and recovering.
+
+A step that fails never leaves its uncomputed blocks in the prefix cache, and its requests
+are recovered or failed clearly:
+- WorkerCrashedError (a worker died, hung past execute_model_timeout_s, or lost a peer):
+  restart the workers, drop the prefix cache, put every running and in-flight request back
+  as preempted with the tokens it produced (recomputed from prompt plus output), go on;
+  bounded by max_worker_restarts per RESTART_WINDOW_S, after which the engine dies cleanly;
+- out of memory (E001): put the step's requests back, halve the token budget and
+  max_num_seqs (never below one max_model_len sequence), and grow them back after
+  GROW_AFTER_STEPS good steps; a request that fails even alone finishes with "error";
+- anything else: put the step's requests back and raise (the caller sees the error; the
+  engine stays consistent).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +22,41 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
-from fleetllm.config import EngineConfig
-from fleetllm.errors import ConfigurationError
+import torch
+
+from fleetllm.config import RESTART_WINDOW_S, EngineConfig
+from fleetllm.errors import (
+    ConfigurationError,
+    EngineDeadError,
+    OutOfMemoryError,
+    WorkerCrashedError,
+)
 from fleetllm.executor.abstract import Executor
 from fleetllm.sched.output import EngineCoreOutput, KVCacheConfig
 from fleetllm.sched.request import Request, RequestStatus
 from fleetllm.sched.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+GROW_AFTER_STEPS = 100  # good steps after an out-of-memory step before the limits grow
+OOM_ERRORS = (OutOfMemoryError, MemoryError, torch.OutOfMemoryError)
+
+
+class RestartBudget:
+    """At most `limit` restarts within any `window_s` seconds."""
+
+    def __init__(self, limit: int, window_s: float = RESTART_WINDOW_S) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.times: deque[float] = deque()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        while self.times and now - self.times[0] > self.window_s:
+            self.times.popleft()
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
 
 
 class EngineCore:
@@ -36,6 +76,11 @@ class EngineCore:
         batches = self.executor.max_concurrent_batches
         self.batch_queue: deque[tuple[Future[Any], Any]] | None = (
             deque(maxlen=batches) if batches > 1 else None)
+        self.restarts = RestartBudget(config.parallel_config.max_worker_restarts)
+        self.num_worker_restarts = 0
+        self.num_requests_recovered = 0
+        self.dead_reason: str | None = None
+        self._good_steps = 0  # since the limits were last lowered or raised
         self.startup_seconds = time.perf_counter() - start
         logger.info("engine ready in %.2f s", self.startup_seconds)
 
@@ -61,7 +106,17 @@ class EngineCore:
         return num_blocks
 
     def add_request(self, request: Request) -> None:
+        self.check_accepting()
         self.scheduler.add_request(request)
+
+    def check_accepting(self) -> None:
+        """Raises, before anything is queued, if a request could not run now."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine is dead ({self.dead_reason}); create a new one")
+        if self.executor.is_sleeping:
+            raise RuntimeError(
+                f"the engine is sleeping ({', '.join(sorted(self.executor.sleeping_tags))} "
+                "released); call wake_up() before adding requests")
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -70,13 +125,96 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
 
     def step(self) -> list[EngineCoreOutput]:
-        if self.batch_queue is not None:
-            return self.step_with_batch_queue()
-        if not self.scheduler.has_unfinished_requests():
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine is dead ({self.dead_reason}); create a new one")
+        try:
+            if self.batch_queue is not None:
+                outputs = self.step_with_batch_queue()
+            elif not self.scheduler.has_unfinished_requests():
+                return []
+            else:
+                sched_out = self.scheduler.schedule()
+                runner_out = self.executor.execute_model(sched_out)
+                outputs = self.scheduler.update_from_output(sched_out, runner_out)
+        except WorkerCrashedError as e:
+            self._restart_workers(e)
             return []
-        sched_out = self.scheduler.schedule()
-        runner_out = self.executor.execute_model(sched_out)
-        return self.scheduler.update_from_output(sched_out, runner_out)
+        except OOM_ERRORS as e:
+            return self._shrink_after_oom(e)
+        except BaseException:
+            self._abandon_steps()
+            raise
+        self._good_steps += 1
+        if self._good_steps >= GROW_AFTER_STEPS and self.scheduler.grow_limits():
+            self._good_steps = 0
+            logger.info("raised the limits to %d batched tokens, %d sequences",
+                        self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs)
+        return outputs
+
+    # ---- recovery -----------------------------------------------------------------------
+    def _abandon_steps(self, kv_lost: bool = False) -> list[str]:
+        """Puts the requests of every step in flight back (see Scheduler); the steps still
+        queued are waited out, so their late replies cannot land in a later step."""
+        queue = list(self.batch_queue or ())
+        if self.batch_queue is not None:
+            self.batch_queue.clear()
+        if not kv_lost:
+            for future, _ in queue:
+                try:
+                    future.result(self.config.parallel_config.execute_model_timeout_s)
+                except BaseException:  # noqa: BLE001 - that step is abandoned either way
+                    pass
+        return self.scheduler.abandon_in_flight(kv_lost)
+
+    def _restart_workers(self, error: WorkerCrashedError) -> None:
+        if not self.executor.can_restart or not self.restarts.take():
+            limit = self.config.parallel_config.max_worker_restarts
+            why = (f"the {type(self.executor).__name__} cannot restart workers"
+                   if not self.executor.can_restart else
+                   f"{limit} worker restarts within {RESTART_WINDOW_S:.0f} s are spent "
+                   "(max_worker_restarts)")
+            self._die(f"{error}; {why}", error)
+        start = time.perf_counter()
+        recovered = self._abandon_steps(kv_lost=True)
+        logger.warning("%s; restarting the workers and recomputing %d requests", error,
+                       len(recovered))
+        try:
+            num_blocks = self.executor.restart_failed_workers()
+        except BaseException as e:
+            self._die(f"restarting the workers after ({error}) failed: {e}", e)
+        self.scheduler.set_num_blocks(num_blocks)
+        self.num_worker_restarts += 1
+        self.num_requests_recovered += len(recovered)
+        logger.warning("workers restarted in %.2f s; %d requests resume",
+                       time.perf_counter() - start, len(recovered))
+
+    def _die(self, reason: str, cause: BaseException) -> None:
+        """Gives up: every worker ends now, and every later call raises EngineDeadError."""
+        self.dead_reason = reason
+        try:
+            self.executor.shutdown()
+        except Exception:
+            logger.exception("shutting down the failed executor failed")
+        raise EngineDeadError(f"the engine is dead: {reason}") from cause
+
+    def _shrink_after_oom(self, error: BaseException) -> list[EngineCoreOutput]:
+        sched = self.scheduler
+        step_reqs = self._abandon_steps()
+        self._good_steps = 0
+        if sched.shrink_limits():
+            logger.warning("out of memory in a step of %d requests (%s); retrying with at most "
+                           "%d batched tokens and %d sequences", len(step_reqs), error,
+                           sched.max_num_batched_tokens, sched.max_num_seqs)
+            return []
+        if len(step_reqs) != 1:  # at the floor, but not alone yet: the retry runs one
+            return []
+        req = sched.requests[step_reqs[0]]
+        message = (f"[E001] request {req.request_id} ({req.num_tokens} tokens) does not fit in "
+                   f"memory even alone ({error}); shorten it or lower max_model_len "
+                   f"(now {sched.config.max_model_len}), or give the engine more memory")
+        logger.error("%s", message)
+        out = sched.fail_request(req.request_id, message)
+        return [out] if out is not None else []
 
     def step_with_batch_queue(self) -> list[EngineCoreOutput]:
         """Keeps up to max_concurrent_batches steps in flight, so pipeline stages overlap:
@@ -122,7 +260,8 @@ class EngineCore:
         self.executor.save_sharded_state(path, pattern, max_size)
 
     def stats(self) -> dict[str, float]:
-        return self.scheduler.stats()
+        return {**self.scheduler.stats(), "num_worker_restarts": self.num_worker_restarts,
+                "num_requests_recovered": self.num_requests_recovered}
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -25,6 +25,8 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # With finish_reason "error": why this request failed alone (the others went on).
+    error: str | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -109,6 +111,7 @@ class OutputProcessor:
                 to_abort.append(eo.request_id)
             if eo.finished and not stopped_by_string:
                 out.finish_reason, out.stop_reason = eo.finish_reason, eo.stop_reason
+                out.error = eo.error
             parent.num_cached_tokens = max(parent.num_cached_tokens, eo.num_cached_tokens)
             if out.finish_reason is not None:
                 del self.children[eo.request_id]

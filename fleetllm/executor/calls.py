@@ -37,6 +37,9 @@ FailureCallback = Callable[[], None]
 # The longest a waiter sleeps on the transport at once: a failure or shutdown wakes it
 # sooner, and a deadline shortens it; this only bounds a missed wake-up.
 MAX_SLEEP_S = 0.05
+# A peer's death usually reaches a surviving rank (as a broken collective) a few ms before
+# the monitor sees the process end; this long the table waits to name the rank that died.
+CRASH_GRACE_S = 0.5
 
 
 @dataclass
@@ -234,6 +237,8 @@ class CallTable:
             with self.lock:
                 self._waiters -= 1
         self.forget(call)  # not on a timeout: a future may still be waited for again
+        if isinstance(call.error, WorkerCrashedError) and call.error is not self.failure:
+            call.error = self._crash_behind(call.error)
         if call.error is not None and not return_exceptions:
             raise call.error
 
@@ -284,6 +289,17 @@ class CallTable:
             f"{call.missing()}: the workers are hung (stopped, deadlocked or stuck in a "
             "collective); restart_failed_workers() replaces them"))
 
+    def _crash_behind(self, error: WorkerCrashedError) -> WorkerCrashedError:
+        """A rank's collective failed: the group is broken. Waits briefly for the monitor
+        to name the rank that died, and fails the table with that (or with this)."""
+        deadline = time.monotonic() + CRASH_GRACE_S
+        while not self.dead and self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with self.lock:
+            if self.failure is None and not self.dead:
+                return self.fail(error)
+            return self.failure or next(iter(self.dead.values()))
+
     def _collect(self) -> bool:
         with self.lock:
             replies = self.transport.drain()
@@ -311,8 +327,6 @@ class CallTable:
             if resp.rank not in call.expect or len(call.expect) == 1:
                 call.error = error  # a non-replying rank failed: the call cannot finish
             if isinstance(error, WorkerCrashedError):  # a collective lost a peer
-                self.fail(WorkerCrashedError(
-                    f"worker rank {resp.rank} lost a peer in a collective: "
-                    f"{str(error).split('] ', 1)[-1]}"))
+                call.error = error  # the group is broken: the call cannot finish
             return
         call.results[resp.rank] = rpc.unpack_result(resp, self.worker_cls, call.method)

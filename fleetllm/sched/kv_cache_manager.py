@@ -59,6 +59,14 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free[block.block_id] = block
 
+    def uncache(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Forgets these blocks' hashes: their KV was never computed (the step failed)."""
+        for block in blocks:
+            if block.block_hash is not None:
+                if self.cached.get(block.block_hash) is block:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
+
     def reset_prefix_cache(self) -> bool:
         if len(self.free) != len(self.blocks) - 1:
             return False
@@ -80,6 +88,9 @@ class KVCacheManager:
         self.num_cached_blocks: dict[str, int] = {}
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # Blocks hashed since the last take_new_hashes(): their KV is computed by the step
+        # being scheduled, so they leave the cache again if that step fails.
+        self.new_hashes: list[KVCacheBlock] = []
 
     @property
     def usage(self) -> float:
@@ -134,12 +145,17 @@ class KVCacheManager:
             if block.block_hash is None:
                 block.block_hash = hashes[i]
                 self.pool.cached.setdefault(hashes[i], block)
+                self.new_hashes.append(block)
         self.num_cached_blocks[req.request_id] = end
 
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.pop(req.request_id, [])
         self.num_cached_blocks.pop(req.request_id, None)
         self.pool.release(reversed(blocks))
+
+    def take_new_hashes(self) -> list[KVCacheBlock]:
+        blocks, self.new_hashes = self.new_hashes, []
+        return blocks
 
     def block_ids(self, req: Request) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req.request_id, [])]

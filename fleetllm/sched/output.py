@@ -76,9 +76,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # one entry per new token: (token ids, logprobs, rank of the sampled token)
     new_logprobs: list[tuple[list[int], list[float], int]] | None = None
     prompt_logprobs: PromptLogprobs | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    error: str | None = None  # with finish_reason "error": what failed and what to change
 
     @property
     def finished(self) -> bool:

@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from fleetllm.config import SchedulerConfig
-from fleetllm.sched.kv_cache_manager import KVCacheManager
+from fleetllm.sched.kv_cache_manager import KVCacheBlock, KVCacheManager
 from fleetllm.sched.output import (
     CachedRequestData,
     EngineCoreOutput,
@@ -29,6 +29,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.finished_req_ids: list[str] = []
         self.num_preemptions = 0
+        # Steps sent to the workers and not yet answered, with the blocks each one hashed.
+        self.in_flight: list[tuple[SchedulerOutput, list[KVCacheBlock]]] = []
+        # The limits in force: lowered after an out-of-memory step, raised again later.
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_num_seqs = config.max_num_seqs
 
     def add_request(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -65,7 +70,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budget = self.max_num_batched_tokens
         max_len = self.config.max_model_len
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
@@ -99,7 +104,7 @@ class Scheduler:
             i += 1
 
         while (self.waiting and budget > 0 and not preempted
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) < self.max_num_seqs):
             req = self.waiting[0]
             computed, num_hit = self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit, budget)
@@ -126,8 +131,11 @@ class Scheduler:
                     req.num_computed_tokens == req.num_tokens + req.num_output_placeholders):
                 req.num_output_placeholders += 1  # this step samples; the worker keeps it
         finished, self.finished_req_ids = self.finished_req_ids, []
-        return SchedulerOutput(new_reqs, cached, num_scheduled,
-                               sum(num_scheduled.values()), finished)
+        out = SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()),
+                              finished)
+        if out.total_num_scheduled_tokens:  # an empty step is never sent to the workers
+            self.in_flight.append((out, self.kv.take_new_hashes()))
+        return out
 
     def _will_finish(self, req: Request) -> bool:
         """Whether the outputs already in flight take the request to max_tokens or
@@ -139,6 +147,7 @@ class Scheduler:
 
     def update_from_output(self, sched_out: SchedulerOutput,
                            runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        self.in_flight = [(so, b) for so, b in self.in_flight if so is not sched_out]
         outputs: list[EngineCoreOutput] = []
         stopped: list[Request] = []
         index = runner_out.req_id_to_index
@@ -181,6 +190,62 @@ class Scheduler:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
+
+    # ---- failed steps -----------------------------------------------------------------
+    def abandon_in_flight(self, kv_lost: bool = False) -> list[str]:
+        """The steps in flight failed: the blocks they hashed leave the prefix cache (their
+        KV was never computed), and their requests go back to waiting as preempted, keeping
+        every token they produced, to be recomputed. kv_lost (the workers were replaced):
+        every running request goes back, and the whole prefix cache is dropped. Returns the
+        ids of the requests put back, in their running order."""
+        affected: set[str] = set()
+        for sched_out, blocks in self.in_flight:
+            self.kv.pool.uncache(blocks)
+            affected.update(sched_out.num_scheduled_tokens)
+            if not kv_lost:  # the workers still hold these; tell them in the next step
+                self.finished_req_ids.extend(sched_out.finished_req_ids)
+        self.in_flight = []
+        victims = [r for r in self.running if kv_lost or r.request_id in affected]
+        self.running = [r for r in self.running if r not in victims]
+        for req in reversed(victims):  # appendleft: the first running is first again
+            self._preempt(req)
+        if kv_lost:
+            self.finished_req_ids = []
+            self.kv.reset_prefix_cache()
+        return [r.request_id for r in victims]
+
+    def set_num_blocks(self, num_blocks: int) -> None:
+        """A restarted worker group holds num_blocks KV blocks (no request holds any)."""
+        if num_blocks == len(self.kv.pool.blocks):
+            return
+        old = self.kv
+        self.kv = KVCacheManager(num_blocks, old.block_size)
+        self.kv.prefix_queries, self.kv.prefix_hits = old.prefix_queries, old.prefix_hits
+
+    def fail_request(self, req_id: str, error: str) -> EngineCoreOutput | None:
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        self.finish_requests([req_id], RequestStatus.FINISHED_ERROR)
+        return EngineCoreOutput(req_id, [], finish_reason="error", error=error)
+
+    def shrink_limits(self) -> bool:
+        """Halves the token budget and max_num_seqs, never below one sequence of
+        max_model_len; False if they are already there."""
+        floor = min(self.config.max_num_batched_tokens, self.config.max_model_len)
+        tokens = max(self.max_num_batched_tokens // 2, floor)
+        seqs = max(self.max_num_seqs // 2, 1)
+        shrunk = (tokens, seqs) != (self.max_num_batched_tokens, self.max_num_seqs)
+        self.max_num_batched_tokens, self.max_num_seqs = tokens, seqs
+        return shrunk
+
+    def grow_limits(self) -> bool:
+        """Doubles the limits back towards the configured ones; False if already there."""
+        tokens = min(self.max_num_batched_tokens * 2, self.config.max_num_batched_tokens)
+        seqs = min(self.max_num_seqs * 2, self.config.max_num_seqs)
+        grown = (tokens, seqs) != (self.max_num_batched_tokens, self.max_num_seqs)
+        self.max_num_batched_tokens, self.max_num_seqs = tokens, seqs
+        return grown
 
     def stats(self) -> dict[str, float]:
         return {
