@@ -22,6 +22,7 @@ import pytest
 
 from fleetllm import LLM, SamplingParams
 from fleetllm.errors import CommunicationTimeoutError, EngineDeadError, WorkerCrashedError
+from tests.helpers import generate_ids
 from tests.test_executor_mp import GREEDY, KV, _prompts, assert_same_greedy
 
 ray = pytest.importorskip("ray", reason="the ray backend needs Ray: pip install -e .[ray]")
@@ -282,6 +283,29 @@ def test_killed_actor_without_recovery_kills_the_engine(llama_dir: Path, ray_ses
     llm.shutdown()  # idempotent
     assert not _wait_gone(pids), "a Ray worker outlived shutdown()"
     assert ray.is_initialized()
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_killed_actor_is_replaced_and_nothing_is_lost(llama_dir: Path, ray_session: None,
+                                                      tp: int, pp: int) -> None:
+    from tests.test_recovery import LONG, PROMPTS, _after_steps
+
+    llm = _ray_llm(llama_dir, tp=tp, pp=pp)
+    try:
+        clean = generate_ids(llm, PROMPTS, LONG)
+        llm.reset_prefix_cache()
+        ex = llm.engine_core.executor
+        old = llm.collective_rpc(lambda w: os.getpid())
+        victim = ex.workers[1]
+        _after_steps(llm, 20, lambda: ray.kill(victim))
+        assert generate_ids(llm, PROMPTS, LONG) == clean
+        assert llm.engine_core.num_worker_restarts == 1
+        assert not _wait_gone(old), "a replaced Ray worker is still running"
+        new = llm.collective_rpc(lambda w: os.getpid())
+        assert not set(new) & set(old)
+    finally:
+        llm.shutdown()
+    assert not _wait_gone(new)
 
 
 def test_uses_the_callers_placement_group(llama_dir: Path, ray_session: None) -> None:

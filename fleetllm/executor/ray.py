@@ -312,6 +312,9 @@ class RayDistributedExecutor(Executor):
         self.collective_rpc("load_model", timeout=STARTUP_TIMEOUT_S)
 
     def _replace_workers(self) -> None:
+        if not ray.is_initialized():  # a Ray call now would start a new, empty session
+            raise WorkerCrashedError("the Ray session ended (ray.shutdown() was called); its "
+                                     "workers cannot be restarted")
         old = self._owned["groups"].pop()
         old.close(graceful=False)
         group = _RayWorkerGroup(self.world_size)
