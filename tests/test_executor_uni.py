@@ -1,8 +1,10 @@
-"""The Executor surface on the in-process backend: rpc, timeouts, sleep, sharded state."""
+"""The Executor surface on the in-process backend: rpc, timeouts, sleep, sharded state; and
+the rpc request encoding the process backends share (a callable pickled once)."""
 
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -11,8 +13,10 @@ import pytest
 from fleetllm import LLM, SamplingParams
 from fleetllm.config import EngineArgs
 from fleetllm.errors import CommunicationTimeoutError, ConfigurationError
+from fleetllm.executor import rpc
 from fleetllm.executor.abstract import Executor
 from fleetllm.executor.uniproc import UniProcExecutor
+from fleetllm.worker.worker import Worker
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [5, 6, 7, 8, 9] * 4}, {"prompt_token_ids": [11, 12]},
@@ -97,6 +101,27 @@ def test_timeout_raises_and_next_call_gets_its_own_result(llm: LLM) -> None:
     futures[0].result(timeout=5)
 
 
+def _slow_call(worker, seconds: float) -> str:
+    time.sleep(seconds)
+    return "done"
+
+
+def test_non_block_future_times_out_with_e003_like_mp_and_ray(llm: LLM) -> None:
+    ex = llm.engine_core.executor
+    future = ex.collective_rpc(_slow_call, args=(0.5,), non_block=True)[0]
+    with pytest.raises(CommunicationTimeoutError,
+                       match=r"E003.*collective_rpc\('_slow_call'\).*within 0.1 s"):
+        future.result(timeout=0.1)
+    with pytest.raises(CommunicationTimeoutError, match="_slow_call"):
+        future.exception(timeout=0.01)
+    assert future.result(timeout=5) == "done"  # waiting again still gets the answer
+    # return_exceptions: a failed call's exception is the future's value, as on mp and Ray
+    failed = ex.collective_rpc(lambda w: 1 / 0, non_block=True, return_exceptions=True)[0]
+    assert isinstance(failed.result(timeout=5), ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):
+        ex.collective_rpc(lambda w: 1 / 0, non_block=True)[0].result(timeout=5)
+
+
 @pytest.mark.parametrize("level", [1, 2])
 def test_sleep_and_wake_up_keep_outputs(llm: LLM, level: int) -> None:
     ref = _ids(llm)
@@ -173,3 +198,77 @@ def test_async_scheduling_keeps_outputs_and_overlaps_steps(llm: LLM, llama_dir: 
 def test_async_scheduling_needs_one_worker(llama_dir: Path) -> None:
     with pytest.raises(ConfigurationError, match="single worker"):
         LLM(str(llama_dir), async_scheduling=True, tensor_parallel_size=2)
+
+
+# ---- rpc: a callable is pickled once, and never goes stale --------------------------------
+SCALE = 10
+
+
+def _scaled(worker, x: int) -> int:
+    return x * SCALE
+
+
+def _send(method, args: tuple = (), kwargs: dict | None = None):
+    """What a worker process runs for one collective_rpc: (the callable it got, its result)."""
+    req = rpc.decode_request(rpc.make_request(0, method, args, kwargs or {}, -1))
+    assert req.pickled, "a callable's replies are pickled, so `pickled` must be set"
+    fn, a, kw = rpc.unpack_request(req, Worker)
+    return fn, fn("worker", *a, **kw)
+
+
+def test_callable_is_pickled_and_loaded_once_with_args_per_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    dumped = []
+    dumps = rpc.cloudpickle.dumps
+    monkeypatch.setattr(rpc.cloudpickle, "dumps", lambda obj, *a, **k: (
+        dumped.append(obj), dumps(obj, *a, **k))[1])
+    offset = 5
+    add = lambda w, x, y=0: (w, x + y + offset)  # noqa: E731 - a lambda is the costly case
+    calls = [_send(add, (i,), {"y": 100 * i}) for i in range(3)]
+    assert [result for _, result in calls] == [("worker", 5), ("worker", 106), ("worker", 207)]
+    assert sum(obj is add for obj in dumped) == 1, "the function was pickled at every call"
+    assert calls[0][0] is calls[1][0] is calls[2][0], "the worker loaded it at every call"
+    assert [_send(_scaled, (i,))[1] for i in (1, 2)] == [10, 20]  # an importable function
+
+
+def _make_getter(value: object):
+    return lambda w: value
+
+
+def test_reused_pickle_follows_rebound_cells_globals_and_defaults(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # two functions from one code object, with their own captured values
+    assert [_send(_make_getter(1))[1], _send(_make_getter(2))[1]] == [1, 2]
+    level = 1
+
+    def read(w, extra=0):
+        return level + extra + SCALE
+
+    assert _send(read)[1] == 11
+    level = 2  # the cell is rebound
+    assert _send(read)[1] == 12
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 20)  # a global it reads, rebound
+    assert _send(read)[1] == 22
+    read.__defaults__ = (100,)
+    assert _send(read)[1] == 122
+
+
+def test_callable_capturing_mutable_state_is_pickled_at_every_call() -> None:
+    seen = [1]
+    assert _send(lambda w: list(seen))[1] == [1]
+    read = lambda w: list(seen)  # noqa: E731
+    assert _send(read)[1] == [1]
+    copy = seen.copy  # a builtin bound to the list, pickled with it
+    read_copy = lambda w: copy()  # noqa: E731
+    assert _send(read_copy)[1] == [1]
+    seen.append(2)  # changed in place: only a new pickle sees it
+    assert _send(read)[1] == [1, 2]
+    assert _send(read_copy)[1] == [1, 2]
+    box = {"n": 0}
+
+    def bump(w):
+        box["n"] += 1
+        return box["n"]
+
+    # each call gets its own copy of what the callable captured, as before the cache
+    assert [_send(bump)[1] for _ in range(3)] == [1, 1, 1]

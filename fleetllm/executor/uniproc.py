@@ -17,6 +17,51 @@ from fleetllm.sched.output import ModelRunnerOutput, SchedulerOutput
 from fleetllm.worker.worker_base import WorkerWrapperBase
 
 
+def _timeout_error(name: object, timeout: float | None) -> CommunicationTimeoutError:
+    return CommunicationTimeoutError(
+        f"collective_rpc({name!r}) did not finish within {timeout} s; the worker finishes it "
+        "in the background before serving the next call")
+
+
+class _RpcFuture(Future):
+    """The rpc thread's answer, as a non_block caller sees it on every backend: waiting past
+    result(timeout) raises CommunicationTimeoutError (E003), as mp's and Ray's futures do, and
+    with return_exceptions a failed call's exception is the result instead of being raised."""
+
+    def __init__(self, inner: Future[Any], name: object, return_exceptions: bool) -> None:
+        super().__init__()
+        self._inner, self._name = inner, name
+        self._return_exceptions = return_exceptions
+        inner.add_done_callback(self._copy)
+
+    def _copy(self, inner: Future[Any]) -> None:
+        if inner.cancelled():
+            super().cancel()
+            self.set_running_or_notify_cancel()
+            return
+        error = inner.exception()
+        if error is not None and not self._return_exceptions:
+            self.set_exception(error)
+        else:
+            self.set_result(inner.result() if error is None else error)
+
+    def cancel(self) -> bool:
+        # Only a call still queued behind another can be cancelled; _copy then follows.
+        return self._inner.cancel()
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        except FutureTimeout:
+            raise _timeout_error(self._name, timeout) from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        except FutureTimeout:
+            raise _timeout_error(self._name, timeout) from None
+
+
 class UniProcExecutor(Executor):
     def _init_executor(self) -> None:
         # Calls with a timeout run on this thread so the caller can stop waiting; a call that
@@ -45,15 +90,13 @@ class UniProcExecutor(Executor):
             self._rpc_thread = ThreadPoolExecutor(1, thread_name_prefix="fleetllm-uniproc")
         future = self._rpc_thread.submit(run, method, *args, **kwargs)
         self._last = future
+        name = getattr(method, "__name__", method)
         if non_block:
-            return [future]
+            return [_RpcFuture(future, name, return_exceptions)]
         try:
             return [future.result(timeout)]
         except FutureTimeout:
-            name = getattr(method, "__name__", method)
-            error = CommunicationTimeoutError(
-                f"collective_rpc({name!r}) did not finish within {timeout} s; the worker "
-                "finishes it in the background before serving the next call")
+            error = _timeout_error(name, timeout)
             if return_exceptions:
                 return [error]
             raise error from None
