@@ -6,6 +6,7 @@ import ctypes
 import gc
 import logging
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,19 @@ def tune_cpu_allocator() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
     except (OSError, AttributeError):
         logger.debug("glibc not found; allocator left as it is")
+
+
+def release_cpu_heap() -> None:
+    """Hands the heap's free pages back to the OS.
+
+    tune_cpu_allocator keeps freed memory in the heap for the next step, so without this a
+    worker that dropped its weights (sleep level 2) or its model (shutdown) would keep its
+    RSS. Only affects glibc; elsewhere nothing changes.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        logger.debug("glibc not found; freed memory stays with the allocator")
 
 
 class Worker(WorkerBase):
@@ -117,7 +131,33 @@ class Worker(WorkerBase):
         runner.execute_model(SchedulerOutput.empty(["__dummy__"]))
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+        try:
+            return self.model_runner.execute_model(scheduler_output)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            # Typed, so the engine can retry with a smaller batch (rpc rebuilds it as E001 on
+            # the driver). The step's requests may be half-updated (tokens appended, computed
+            # counts moved), so they are forgotten: a retry must send them whole again.
+            for req_id in scheduler_output.num_scheduled_tokens:
+                self.model_runner.requests.pop(req_id, None)
+            self._release_failed_step(e)
+            raise OutOfMemoryError(self._oom_message(scheduler_output, e)) from e
+
+    def _release_failed_step(self, error: BaseException) -> None:
+        # The traceback's frames still hold the step's activations; keep the lines, drop
+        # the locals, and hand the cached blocks back so a retry finds the memory free.
+        traceback.clear_frames(error.__traceback__)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _oom_message(self, so: SchedulerOutput, error: BaseException) -> str:
+        sc = self.config.scheduler_config
+        where = f"memory on {self.device}" if self.device.type == "cuda" else "host memory"
+        return (f"worker rank {self.rank} ran out of {where} in a step of "
+                f"{so.total_num_scheduled_tokens} tokens over {len(so.num_scheduled_tokens)} "
+                f"sequences ({type(error).__name__}: {error}); lower max_num_batched_tokens "
+                f"(now {sc.max_num_batched_tokens}), max_num_seqs (now {sc.max_num_seqs}) or "
+                f"max_model_len (now {sc.max_model_len})")
 
     def profile(self, is_start: bool = True, trace_dir: str | None = None) -> None:
         if is_start:
@@ -168,6 +208,7 @@ class Worker(WorkerBase):
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        release_cpu_heap()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         tags = tags or ["weights", "kv_cache"]
@@ -210,3 +251,4 @@ class Worker(WorkerBase):
             self.model_runner.release_kv_cache()
             self.model_runner.model = None
         gc.collect()
+        release_cpu_heap()
