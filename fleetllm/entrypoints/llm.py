@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,8 +60,13 @@ class LLM:
             self.engine_core = SyncMPClient(config, data_parallel_size, data_parallel_backend)
         else:
             self.engine_core = EngineCore(config)
+        # An LLM dropped without shutdown() still releases its workers, processes and actors.
+        # The finalizer holds the engine core's method, never this LLM, so it cannot keep it
+        # alive; shutdown() runs it, so the engine is shut down once either way.
+        self._finalizer = weakref.finalize(self, self.engine_core.shutdown)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()
+        self._sleep_level: int | None = None  # set by sleep(), until the engine is awake
 
     # ---- generation -------------------------------------------------------------------
     def get_default_sampling_params(self) -> SamplingParams:
@@ -69,6 +75,7 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
+        self._check_awake()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -92,6 +99,7 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
+        self._check_awake()
         tok = self._require_tokenizer()
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = []
@@ -100,6 +108,17 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(
                 text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _check_awake(self) -> None:
+        """A sleeping engine has no KV cache (nor weights, at level 2): fail before anything
+        is queued rather than deep in a step."""
+        if self._sleep_level is None:
+            return
+        if not self.engine_core.is_sleeping():  # woken up tag by tag, or by another caller
+            self._sleep_level = None
+            return
+        raise RuntimeError(f"the engine is sleeping (level {self._sleep_level}); call "
+                           "wake_up() first")
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -180,9 +199,13 @@ class LLM:
     def sleep(self, level: int = 1) -> None:
         """Frees the KV cache (level 1) and the weights too (level 2) until wake_up()."""
         self.engine_core.sleep(level)
+        if self._sleep_level is None:  # a sleeping engine ignores a second sleep()
+            self._sleep_level = level
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         self.engine_core.wake_up(tags)
+        if not tags:  # all of it is awake; after some tags, generate() asks the engine
+            self._sleep_level = None
 
     def get_performance_metrics(self) -> Any:
         """The executor's metrics (a list, one per engine, with engine processes)."""
@@ -192,10 +215,10 @@ class LLM:
         return self.engine_core.stats()
 
     def shutdown(self) -> None:
-        core = getattr(self, "engine_core", None)
-        if core is not None:
-            core.shutdown()
-            self.engine_core = None
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()  # the engine core's shutdown, unless it already ran
+        self.engine_core = None
 
     def __enter__(self) -> LLM:
         return self
