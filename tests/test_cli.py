@@ -55,3 +55,42 @@ def test_bench_rpc(llama_dir: Path, tmp_path: Path) -> None:
                  "--num-calls", "50", "--output-json", str(out))
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())
+
+
+# ---- vLLM's command-line habits ------------------------------------------------------------
+
+def _parse(*args: str):
+    from fleetllm.entrypoints.cli import _llm_kwargs, build_parser
+
+    a = build_parser().parse_args(list(args))
+    return a, _llm_kwargs(a)
+
+
+def test_version_and_bare_commands_list_their_subcommands() -> None:
+    r = fleetllm("--version")
+    assert r.returncode == 0 and r.stdout.startswith("fleetllm ")
+    for args, names in (((), ("generate", "serve", "bench")),
+                        (("bench",), ("throughput", "rpc", "recovery", "serve"))):
+        r = fleetllm(*args)
+        assert r.returncode == 2 and all(n in r.stdout for n in names), r.stdout + r.stderr
+
+
+def test_help_shows_defaults_and_choices() -> None:
+    r = fleetllm("serve", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "{auto,float32,bfloat16,float16}" in text and "(default: 256)" in text
+    assert "--enable-prefix-caching, --no-enable-prefix-caching" in text
+    assert "--seed" in text and "--sampling-seed" in text
+
+
+def test_short_flags_positional_model_and_boolean_flags(tmp_path: Path) -> None:
+    a, kwargs = _parse("serve", str(tmp_path), "-tp", "2", "-pp", "3", "-dp", "4",
+                       "--no-enable-prefix-caching")
+    assert kwargs["model"] == str(tmp_path) and a.data_parallel_size == 4
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["pipeline_parallel_size"] == 3
+    assert kwargs["enable_prefix_caching"] is False
+    _, kwargs = _parse("serve", "--model", str(tmp_path), "--enable-prefix-caching")
+    assert kwargs["model"] == str(tmp_path) and kwargs["enable_prefix_caching"] is True
+    with pytest.raises(ValueError, match="two models"):
+        _parse("serve", "a", "--model", "b")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -16,22 +17,48 @@ from fleetllm.config import (
 )
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, unless its help already says it or there is none
+    (choices are shown by argparse itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    if positional_model:  # `fleetllm serve MODEL`, as in vLLM; --model still works
+        p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="local Hugging Face checkpoint directory (same as --model)")
     p.add_argument("--model", default=None,
                    help="local Hugging Face checkpoint directory (default: the built-in model)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                   action="store_false")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-parallel-size", type=int, default=1)
-    p.add_argument("--distributed-executor-backend", default=None)
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights and activations; auto takes the checkpoint's")
+    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                   help="dummy: random weights of the checkpoint's shape (benchmarks)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the engine's seed (dummy weights, requests without a seed of their "
+                        "own); a request's own seed is --sampling-seed or the API's seed")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt plus output (default: the checkpoint's)")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most requests in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step (default: max(8192, --max-num-seqs))")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache size per worker (default: sized to the model and memory)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True, help="share the KV blocks of common prompt prefixes")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                   help="ranks that split each layer")
+    p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1,
+                   help="ranks that split the layers into stages")
+    p.add_argument("--distributed-executor-backend", default=None,
+                   help="uni, mp, ray, external_launcher, or a 'package.module.Class' "
+                        "(default: uni for one rank, mp for more)")
     p.add_argument("--max-worker-restarts", type=int, default=DEFAULT_MAX_WORKER_RESTARTS,
                    help="worker or engine restarts allowed per 10 minutes before the engine "
                         "gives up (0: no recovery)")
@@ -43,7 +70,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    return dict(model=a.model, dtype=a.dtype, load_format=a.load_format, seed=a.seed,
+    tag = getattr(a, "model_tag", None)
+    if tag is not None and a.model is not None and tag != a.model:
+        raise ValueError(f"two models given: {tag!r} and --model {a.model!r}; give one")
+    return dict(model=a.model or tag, dtype=a.dtype, load_format=a.load_format, seed=a.seed,
                 max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens,
                 kv_cache_memory_bytes=a.kv_cache_memory_bytes, block_size=a.block_size,
@@ -58,11 +88,12 @@ def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--sampling-seed", dest="sampling_seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--sampling-seed", dest="sampling_seed", type=int, default=None,
+                   help="the request's own seed: the same text whatever else runs")
 
 
 def _sampling_params(a: argparse.Namespace):
@@ -134,35 +165,42 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleetllm", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fleetllm", description=__doc__,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fleetllm {_version()}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    parser.set_defaults(func=lambda a: _print_help(parser))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
-    gen = sub.add_parser("generate", help="complete one or more prompts")
+    gen = sub_parser("generate", help="complete one or more prompts")
     _engine_args(gen)
     _sampling_args(gen)
-    gen.add_argument("prompt", nargs="+")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts")
     gen.set_defaults(func=cmd_generate)
 
-    chat = sub.add_parser("chat", help="an interactive chat that keeps the conversation")
+    chat = sub_parser("chat", help="an interactive chat that keeps the conversation")
     _engine_args(chat)
     _sampling_args(chat)
     chat.add_argument("--system", default=None, help="an optional system message")
     chat.set_defaults(func=cmd_chat)
 
-    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
-    _engine_args(serve)
+    serve = sub_parser("serve", help="an OpenAI-compatible HTTP server")
+    _engine_args(serve, positional_model=True)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (0.0.0.0 exposes the server to the network)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=os.environ.get("FLEETLLM_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $FLEETLLM_API_KEY)")
-    serve.add_argument("--skip-tokenizer-init", action="store_true",
+    serve.add_argument("--skip-tokenizer-init", action=argparse.BooleanOptionalAction,
+                       default=False,
                        help="serve a checkpoint without a tokenizer: prompts as token ids, "
                             "outputs as token ids (logprobs) with empty text")
     serve.add_argument("--served-model-name", nargs="+", default=None,
-                       help="the model name(s) clients use (default: the --model path)")
-    serve.add_argument("--data-parallel-size", type=int, default=1,
+                       help="the model name(s) clients use (default: the --model path, or "
+                            "fleetllm-default for the built-in model)")
+    serve.add_argument("-dp", "--data-parallel-size", type=int, default=1,
                        help="engine cores, each with its own executor and KV cache")
     serve.add_argument("--data-parallel-backend", choices=["mp", "ray"], default="mp",
                        help="engine cores as processes (mp) or Ray actors (ray)")
@@ -171,28 +209,61 @@ def build_parser() -> argparse.ArgumentParser:
                             "client of every engine core)")
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    tp = bench_sub.add_parser("throughput", help="offline throughput on random prompts")
+    bench = sub_parser("bench", help="benchmarks")
+    bench.set_defaults(func=lambda a: _print_help(bench))
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    bench_parser = functools.partial(bench_sub.add_parser, formatter_class=_HelpFormatter)
+    tp = bench_parser("throughput", help="offline throughput on random prompts")
     _engine_args(tp)
     from fleetllm.entrypoints.bench import add_throughput_args
 
     add_throughput_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
 
-    rpc = bench_sub.add_parser("rpc", help="collective_rpc round trip of a no-op")
+    rpc = bench_parser("rpc", help="collective_rpc round trip of a no-op")
     _engine_args(rpc)
-    rpc.add_argument("--backend", choices=["uni", "mp", "ray"], default="mp")
-    rpc.add_argument("--num-calls", type=int, default=2000)
-    rpc.add_argument("--output-json", default=None)
+    rpc.add_argument("--backend", choices=["uni", "mp", "ray"], default="mp",
+                     help="the executor backend to time")
+    rpc.add_argument("--num-calls", type=int, default=2000, help="timed calls per mode")
+    rpc.add_argument("--output-json", default=None, help="also write the figures to this file")
     rpc.set_defaults(func=lambda a: bench_rpc(a))
 
-    sv = bench_sub.add_parser("serve", help="latency and throughput of a running server")
+    rec = bench_parser("recovery", help="a worker and an engine core killed during "
+                               "a workload: time to the next token, throughput, no loss")
+    _engine_args(rec)
+    from fleetllm.entrypoints.bench_recovery import add_recovery_args
+
+    add_recovery_args(rec)
+    rec.set_defaults(func=lambda a: bench_recovery(a))
+
+    sv = bench_parser("serve", help="latency and throughput of a running server")
     from fleetllm.entrypoints.bench_serve import add_serve_bench_args
 
     add_serve_bench_args(sv)
     sv.set_defaults(func=cmd_bench_serve)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fleetllm")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    """A command given without its subcommand lists the subcommands."""
+    parser.print_help()
+    return 2
+
+
+def bench_recovery(a: argparse.Namespace) -> int:
+    from fleetllm.entrypoints.bench_recovery import run_recovery
+
+    run_recovery(a, _llm_kwargs(a))
+    return 0
 
 
 def bench_rpc(a: argparse.Namespace) -> int:
@@ -204,12 +275,12 @@ def bench_rpc(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=args.log_level,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, TypeError, RuntimeError) as e:
-        if args.log_level.upper() == "DEBUG":
+        if args.log_level == "DEBUG":
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
