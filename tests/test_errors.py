@@ -283,3 +283,22 @@ def test_truncated_weights(llama_dir, tmp_path):
 
     path = _broken(llama_dir, tmp_path, truncate)
     _load_error(path, "model.safetensors")
+
+
+def test_default_kv_cache_fits_the_model_and_says_why(llama_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fleetllm.engine.core"):
+        llm = LLM(str(llama_dir), max_num_seqs=4, max_model_len=64)
+    try:
+        # 4 sequences x 4 blocks, plus 25% for the prefix cache, plus the null block
+        assert len(llm.engine_core.scheduler.kv.pool.blocks) == 21
+        assert "sized by what 4 sequences (max_num_seqs) of 64 tokens" in caplog.text
+    finally:
+        llm.shutdown()
+    explicit = LLM(str(llama_dir), max_num_seqs=4, max_model_len=64,
+                   kv_cache_memory_bytes=1 << 22)
+    try:
+        assert len(explicit.engine_core.scheduler.kv.pool.blocks) > 21
+    finally:
+        explicit.shutdown()

@@ -100,9 +100,10 @@ class EngineCore:
             [KVCacheConfig(num_blocks, layer_names)
              for _ in range(config.parallel_config.world_size)])
         usable = (num_blocks - 1) * bs
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per worker); maximum "
-                    "concurrency for %d-token requests: %.2fx", num_blocks, bs, usable,
-                    num_blocks * page / 2**20, max_len, usable / max_len)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per worker), sized "
+                    "by %s; maximum concurrency for %d-token requests: %.2fx", num_blocks, bs,
+                    usable, num_blocks * page / 2**20, self.executor.kv_cache_size_reason,
+                    max_len, usable / max_len)
         return num_blocks
 
     def add_request(self, request: Request) -> None:

@@ -50,6 +50,8 @@ class ExecutionMetrics:
         return {"tokens": self.total_tokens, "busy_seconds": busy,
                 "tokens_per_s": self.total_tokens / busy if busy else 0.0}
 BACKENDS = ("uni", "mp", "ray", "external_launcher")
+# The default KV cache's room beyond max_num_seqs full sequences, kept for cached prefixes.
+PREFIX_CACHE_SHARE = 0.25
 
 
 class Executor(ABC):
@@ -104,6 +106,7 @@ class Executor(ABC):
         self.sleeping_tags: set[str] = set()
         self.metrics = ExecutionMetrics()
         self.kv_cache_configs: list[KVCacheConfig] = []
+        self.kv_cache_size_reason = ""  # why the KV cache has the size it has
         self.num_restarts = 0
         self._init_executor()
 
@@ -128,11 +131,28 @@ class Executor(ABC):
         self.kv_cache_configs = list(kv_cache_configs)
 
     def determine_num_blocks(self) -> tuple[int, list[str], int]:
-        """(KV blocks every worker can hold, layer names, the largest page size in bytes)."""
+        """(KV blocks every worker can hold, layer names, the largest page size in bytes).
+
+        Unless kv_cache_memory_bytes is set, the cache is also no larger than max_num_seqs
+        sequences of max_model_len tokens can fill, plus PREFIX_CACHE_SHARE for cached
+        prefixes no running request holds: a 6M-parameter model needs no 4 GB cache."""
         specs = self.get_kv_cache_specs()
         available = self.determine_available_memory()
         page = [sum(s.page_size_bytes for s in spec.values()) for spec in specs]
         num_blocks = min(mem // p for mem, p in zip(available, page))
+        if self.cache_config.kv_cache_memory_bytes is None:
+            sc = self.scheduler_config
+            per_seq = -(-sc.max_model_len // self.cache_config.block_size)
+            useful = int(sc.max_num_seqs * per_seq * (1 + PREFIX_CACHE_SHARE)) + 1
+            reason = (f"what {sc.max_num_seqs} sequences (max_num_seqs) of {sc.max_model_len} "
+                      f"tokens (max_model_len) can use, plus {PREFIX_CACHE_SHARE:.0%} for the "
+                      "prefix cache")
+            if useful >= num_blocks:
+                reason = f"the memory available ({min(available) / 2**30:.2f} GiB per worker)"
+            self.kv_cache_size_reason = reason
+            num_blocks = min(num_blocks, useful)
+        else:
+            self.kv_cache_size_reason = "kv_cache_memory_bytes"
         return num_blocks, sorted({name for spec in specs for name in spec}), max(page)
 
     def register_failure_callback(self, callback: FailureCallback) -> None:
