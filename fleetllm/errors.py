@@ -35,5 +35,10 @@ class ConfigurationError(FleetLLMError, ValueError):
     code = "E005"
 
 
+class EngineRestartingError(RuntimeError):
+    """A utility call (collective_rpc, stats, ...) could not complete because an engine core
+    died; the engine is being restarted. Requests are re-sent; utility calls are not."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine hit an unrecoverable error; create a new LLM to continue."""

@@ -2,7 +2,8 @@
 
 Requests go out through SyncMPClient's ROUTER socket; outputs come back on an asyncio task
 that reads the PULL socket, detokenizes, and wakes each request's generator. The event loop
-also watches the engine processes' sentinels, so a dead engine fails every waiter at once.
+also watches the manager's engine events: a dead engine's requests are re-sent (their
+streams pause meanwhile), and only an engine dead for good fails every waiter.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from fleetllm.config import EngineArgs, EngineConfig
-from fleetllm.engine.client import SyncMPClient
+from fleetllm.engine.client import SyncMPClient, check_utility_results
 from fleetllm.engine.inputs import (
     check_params,
     check_prompt,
@@ -26,7 +27,7 @@ from fleetllm.engine.inputs import (
     generation_defaults,
     make_requests,
 )
-from fleetllm.engine.launch import EngineConnection, wait_for_finished
+from fleetllm.engine.launch import EngineConnection
 from fleetllm.engine.messages import EngineCoreRequestType, UtilityCall, UtilityResult
 from fleetllm.engine.output import CompletionOutput, OutputProcessor, RequestOutput
 from fleetllm.engine.tokenizer import Tokenizer
@@ -36,12 +37,13 @@ from fleetllm.sched.output import EngineCoreOutput
 
 logger = logging.getLogger(__name__)
 
-EXIT_CODE_WAIT_S = 1.0
-
+# While an engine is not live yet, how often to look for its registration.
+REGISTRATION_POLL_S = 0.05
 
 
 class _AsyncMPClient(SyncMPClient):
-    """SyncMPClient's start-up, sends and shutdown, with outputs read by an asyncio task.
+    """SyncMPClient's start-up, sends, recovery and shutdown, with outputs read by an
+    asyncio task and engine events applied from the event loop.
 
     The sync receive paths (step, call_utility) are not used: the task owns the socket."""
 
@@ -52,11 +54,12 @@ class _AsyncMPClient(SyncMPClient):
         # Set before start-up, whose failure path calls our shutdown.
         self._on_outputs = on_outputs
         self._on_dead = on_dead
-        self.dead_reason: str | None = None
         self._futures: dict[int, asyncio.Future[UtilityResult]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
+        self._events_fd: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
         super().__init__(config, data_parallel_size, data_parallel_backend,
                          connection=connection)
 
@@ -66,78 +69,100 @@ class _AsyncMPClient(SyncMPClient):
             return
         self._loop = asyncio.get_running_loop()
         self._socket = zmq.asyncio.Socket.from_socket(self.output)
-        for sentinel in self.proc_manager.sentinels():
-            self._loop.add_reader(sentinel, self._engine_exited)
+        self._events_fd = self.proc_manager.events_fd()
+        if self._events_fd is not None:
+            self._loop.add_reader(self._events_fd, self._on_events)
         self._task = self._loop.create_task(self._output_loop())
+        self._on_events()  # whatever happened before the loop was there
 
     async def _output_loop(self) -> None:
         try:
             while True:
-                msg = self.decoder.decode(await self._socket.recv())
-                if msg.engine_dead:
-                    self.fail(f"engine core {msg.engine_index} failed: {msg.engine_dead}")
-                    return
-                for result in msg.utility_results:
-                    future = self._futures.pop(result.call_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(result)
-                if msg.outputs:
-                    self._on_outputs(self._track(msg.outputs))
+                outputs = self._receive(self.decoder.decode(await self._socket.recv()))
+                if outputs:
+                    self._on_outputs(outputs)
         except Exception as e:  # the front end cannot route outputs any more
             logger.exception("reading engine outputs failed")
-            self.fail(f"{type(e).__name__}: {e}")
+            self._fail(f"{type(e).__name__}: {e}")
 
-    def _engine_exited(self) -> None:
-        finished = wait_for_finished(self.proc_manager, EXIT_CODE_WAIT_S)
-        detail = ", ".join(f"{name} exited with code {code}" for name, code in finished.items())
-        self.fail(f"engine core {detail or 'exited'}")
+    def _on_events(self) -> None:
+        """Applies engine events; while an engine is not live, looks again shortly (its
+        registration arrives on a socket the loop does not watch)."""
+        self._timer = None
+        try:
+            self._poll_events()
+        except Exception as e:
+            logger.exception("applying engine events failed")
+            self._fail(f"{type(e).__name__}: {e}")
+        if (self.dead_reason is None and self._timer is None
+                and not all(e.live for e in self.engines)):
+            self._timer = self._loop.call_later(REGISTRATION_POLL_S, self._on_events)
 
-    def fail(self, reason: str) -> None:
-        if self.dead_reason is None:
-            logger.error("engine is dead: %s", reason)
-            self._mark_dead(reason)
+    def _utility_done(self, result: UtilityResult) -> None:
+        future = self._futures.pop(result.call_id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
 
-    def _mark_dead(self, reason: str) -> None:
-        """Fails every waiter: utility calls here, requests through on_dead."""
+    def _fail_calls(self, call_id: int, error: Exception) -> None:
+        future = self._futures.pop(call_id, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+    def _fail(self, reason: str) -> None:
+        """The engine is dead for good: fails every waiter, utility calls here, requests
+        through on_dead."""
         if self.dead_reason is not None:
             return
-        self.dead_reason = reason
+        super()._fail(reason)
         self._stop_reading()
         for future in self._futures.values():
             if not future.done():
                 future.set_exception(EngineDeadError(reason))
         self._futures.clear()
+        self._pending_calls.clear()
         self._on_dead()
 
     def _stop_reading(self) -> None:
         if self._loop is None or self._loop.is_closed():
             return
-        for sentinel in self.proc_manager.sentinels():
-            self._loop.remove_reader(sentinel)
+        if self._events_fd is not None:
+            self._loop.remove_reader(self._events_fd)
+            self._events_fd = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
 
     async def call_utility_async(self, method: str, *args: Any) -> list[Any]:
-        """Calls an EngineCore method on every engine; one result per engine."""
+        """Calls an EngineCore method on every engine; one result per engine. Fails with
+        EngineRestartingError if an engine is down or dies meanwhile (no retry)."""
         self.start()
-        futures = []
-        for index in range(len(self.engines)):
-            call_id = next(self._call_ids)
-            future: asyncio.Future[UtilityResult] = self._loop.create_future()
-            self._futures[call_id] = future
-            futures.append(future)
-            self._send(index, EngineCoreRequestType.UTILITY,
-                       self.encoder.encode(UtilityCall(call_id, method, list(args))))
-        results = await asyncio.gather(*futures)
-        errors = [r.error for r in results if r.error]
-        if errors:
-            raise RuntimeError(f"{method} failed in the engine: {errors[0]}")
-        return [r.result for r in results]
+        self._poll_events()
+        self._check_alive()
+        self._check_all_live(method)
+        call_ids = [next(self._call_ids) for _ in self.engines]
+        futures = [self._loop.create_future() for _ in call_ids]
+        self._futures.update(zip(call_ids, futures))
+        try:
+            for call_id, engine in zip(call_ids, self.engines):
+                self._pending_calls[call_id] = engine.index
+                self._send(engine.index, EngineCoreRequestType.UTILITY,
+                           self.encoder.encode(UtilityCall(call_id, method, list(args))))
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            for call_id in call_ids:
+                self._pending_calls.pop(call_id, None)
+                self._futures.pop(call_id, None)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+        return check_utility_results(method, results)
 
     def shutdown(self) -> None:
         if self._closed:
             return
-        self._mark_dead("the engine was shut down")
+        self._fail("the engine was shut down")
         if self._socket is not None and self._loop is not None and not self._loop.is_closed():
             self._socket.close(linger=0)
         super().shutdown()
@@ -190,9 +215,10 @@ class AsyncLLM:
     # ---- state ------------------------------------------------------------------------
     @property
     def errored(self) -> bool:
-        """True once an engine process died or reported an unrecoverable error."""
-        core = self.engine_core
-        return core.dead_reason is not None or bool(core.proc_manager.finished_procs())
+        """True once the engine is dead for good: an engine core died and could not be
+        restarted (none left within max_worker_restarts, or its restart failed). While a
+        dead engine core restarts, the engine is recovering, not errored."""
+        return self.engine_core.dead_reason is not None
 
     @property
     def is_dead(self) -> bool:
@@ -201,8 +227,18 @@ class AsyncLLM:
     def check_health(self) -> None:
         """Raises EngineDeadError once the engine is dead."""
         if self.errored:
-            reason = self.engine_core.dead_reason or "an engine core process exited"
-            raise EngineDeadError(f"the engine is dead ({reason}); restart the server")
+            raise EngineDeadError(f"the engine is dead ({self.engine_core.dead_reason}); "
+                                  "restart the server")
+
+    @property
+    def num_engine_restarts(self) -> int:
+        """Engine cores that died and were restarted (each one once it was ready again)."""
+        return self.engine_core.num_engine_restarts
+
+    def on_requests_recovered(self, callback: Callable[[int], None]) -> None:
+        """callback(n) runs each time n unfinished requests were re-sent to a live engine
+        after their engine core died."""
+        self.engine_core.on_requests_recovered = callback
 
     def generation_defaults(self) -> dict[str, Any]:
         return generation_defaults(self.config)

@@ -1,14 +1,23 @@
 """Front-end clients of engine-core processes.
 
-SyncMPClient starts one engine-core process per data-parallel rank, sends each request to
-the engine with the fewest unfinished requests, and reads their outputs from one socket.
-It offers what the offline LLM needs of an in-process EngineCore, so LLM works with either.
+SyncMPClient starts one engine-core process per data-parallel rank (or attaches to engines a
+supervisor started), sends each request to the live engine with the fewest unfinished
+requests, and reads their outputs from one socket. It offers what the offline LLM needs of
+an in-process EngineCore, so LLM works with either.
+
+Recovery: the client keeps each unfinished request as first sent, plus the output tokens it
+has delivered. When its manager reports an engine dead (an EngineEvent), that engine's
+requests are re-sent with those tokens (EngineCoreRequest.output_token_ids) to the live
+engines, or, when none is live, kept until the restarted engine is ready. What a dead engine
+sent that arrives later (its epoch is old) is dropped, so no token is delivered twice.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -16,7 +25,6 @@ import zmq
 
 from fleetllm.config import EngineConfig
 from fleetllm.engine.launch import (
-    CoreEngine,
     EngineConnection,
     EngineManager,
     SupervisorLink,
@@ -27,15 +35,41 @@ from fleetllm.engine.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineCoreRequestType,
+    EngineEvent,
     UtilityCall,
+    UtilityResult,
 )
-from fleetllm.errors import EngineDeadError
+from fleetllm.errors import EngineDeadError, EngineRestartingError
 from fleetllm.sched.output import EngineCoreOutput
 from fleetllm.sched.request import Request
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_WAIT_S = 5.0
+
+
+@dataclass
+class _Unfinished:
+    request: EngineCoreRequest  # as first sent
+    output_token_ids: list[int] = field(default_factory=list)  # delivered so far
+    engine: int | None = None  # None: waiting for a live engine
+    recovering: bool = False  # its engine died; counted once it is re-sent
+
+
+@dataclass
+class _EngineLink:
+    """The client's view of one engine index."""
+
+    index: int
+    epoch: int = 0  # the start of this engine whose outputs count
+    ready: bool = True  # that start finished its handshake and has not died
+    registered_epoch: int = -1  # the last start that registered on our input socket
+    live: bool = False  # ready and registered: requests may be sent to it
+    error: str | None = None  # what it reported before it died
+
+    @property
+    def identity(self) -> bytes:
+        return self.index.to_bytes(2, "little")
 
 
 class SyncMPClient:
@@ -52,11 +86,18 @@ class SyncMPClient:
         self._owns_engines = connection is None
         self.proc_manager: EngineManager | None = None
         self._ipc_paths: list[str] = []
-        self.engines: list[CoreEngine] = []
-        self.load: list[int] = []
-        self.engine_of: dict[str, int] = {}
+        self.engines: list[_EngineLink] = []
+        self.load: list[int] = []  # requests sent to each engine and not finished
+        self.requests: dict[str, _Unfinished] = {}
+        self.dead_reason: str | None = None  # set once the engine is dead for good
+        self.num_engine_restarts = 0
+        self.num_requests_recovered = 0
+        # called with n each time n requests were re-sent after their engine died
+        self.on_requests_recovered: Callable[[int], None] | None = None
         self._buffered: list[EngineCoreOutput] = []
-        self._results: dict[int, Any] = {}
+        self._results: dict[int, UtilityResult] = {}
+        self._pending_calls: dict[int, int] = {}  # utility call id -> engine index
+        self._call_errors: dict[int, Exception] = {}
         self._call_ids = itertools.count()
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
@@ -73,9 +114,11 @@ class SyncMPClient:
             self._ipc_paths = [in_addr, out_addr]
             self.input = self._bind(zmq.ROUTER, in_addr)
             self.input.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown engine is an error
+            # A restarted engine reuses its index's identity, maybe before we saw it go.
+            self.input.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self.output = self._bind(zmq.PULL, out_addr)
-            self.engines = [CoreEngine(e) for e in range(connection.num_engines)]
-            self.load = [0] * connection.num_engines  # unfinished requests per engine
+            self.engines = [_EngineLink(e) for e in range(connection.num_engines)]
+            self.load = [0] * connection.num_engines
             self._await_registrations()
         except BaseException:
             self.shutdown()
@@ -91,65 +134,209 @@ class SyncMPClient:
 
     def _await_registrations(self) -> None:
         """Each engine says hello on the input socket, so sends to it cannot be dropped."""
-        pending = {e.identity for e in self.engines}
-        while pending:
-            self._wait_readable(self.input)
-            identity, _ = self.input.recv_multipart()
-            pending.discard(identity)
+        while not all(e.live for e in self.engines):
+            self._wait(self.input)
+
+    @property
+    def engine_of(self) -> dict[str, int]:
+        """Request id -> engine index of each unfinished request (-1: waiting for one)."""
+        return {rid: -1 if u.engine is None else u.engine for rid, u in self.requests.items()}
 
     # ---- requests ---------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
-        index = min(range(len(self.engines)), key=self.load.__getitem__)
-        self.load[index] += 1
-        self.engine_of[req.request_id] = index
-        payload = EngineCoreRequest(req.request_id, req.all_token_ids, req.sampling_params,
+        self._poll_events()
+        self._check_alive()
+        prompt = req.all_token_ids[:req.num_prompt_tokens]
+        payload = EngineCoreRequest(req.request_id, prompt, req.sampling_params,
                                     list(req.eos_token_ids), req.cache_salt)
-        self._send(index, EngineCoreRequestType.ADD, self.encoder.encode(payload))
+        self.requests[req.request_id] = _Unfinished(payload, list(req.output_token_ids))
+        self._dispatch([req.request_id])
+
+    def _dispatch(self, request_ids: list[str]) -> None:
+        """The one path that sends requests, first or again: each goes, with the tokens it
+        already delivered, to the least loaded live engine; with none live, it waits."""
+        live = [e.index for e in self.engines if e.live]
+        resent = 0
+        for rid in request_ids:
+            u = self.requests[rid]
+            if not live:
+                u.engine = None
+                continue
+            index = min(live, key=self.load.__getitem__)
+            u.engine = index
+            self.load[index] += 1
+            payload = msgspec.structs.replace(u.request, output_token_ids=u.output_token_ids)
+            self._send(index, EngineCoreRequestType.ADD, self.encoder.encode(payload))
+            if u.recovering:
+                u.recovering = False
+                resent += 1
+        if resent:
+            self.num_requests_recovered += resent
+            logger.info("re-sent %d unfinished request(s) of a dead engine", resent)
+            if self.on_requests_recovered is not None:
+                self.on_requests_recovered(resent)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         by_engine: dict[int, list[str]] = {}
         for rid in request_ids:
-            index = self.engine_of.pop(rid, None)
-            if index is not None:
-                self.load[index] -= 1
-                by_engine.setdefault(index, []).append(rid)
+            u = self.requests.pop(rid, None)
+            if u is not None and u.engine is not None:
+                self.load[u.engine] -= 1
+                by_engine.setdefault(u.engine, []).append(rid)
+        if self.dead_reason is not None:
+            return  # nobody left to tell
         for index, ids in by_engine.items():
             self._send(index, EngineCoreRequestType.ABORT, self.encoder.encode(ids))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.engine_of)
+        return bool(self.requests)
 
     def step(self) -> list[EngineCoreOutput]:
         """The next batch of outputs from any engine (waits for one)."""
         if self._buffered:
             out, self._buffered = self._buffered, []
             return out
-        return self._track(self._recv())
+        return self._recv()
 
-    def _track(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
-        for eo in outputs:
+    def _receive(self, msg: EngineCoreOutputs) -> list[EngineCoreOutput]:
+        """Takes one message from an engine: what a dead predecessor or a dying engine sent
+        is dropped (its requests are re-sent); the rest is tracked and returned."""
+        engine = self.engines[msg.engine_index]
+        if msg.epoch != engine.epoch:
+            return []
+        if msg.engine_dead:  # the process exits next; its death event decides what follows
+            engine.error = msg.engine_dead
+            return []
+        if not engine.live:
+            return []
+        for result in msg.utility_results:
+            if self._pending_calls.pop(result.call_id, None) is not None:
+                self._utility_done(result)
+        kept = []
+        for eo in msg.outputs:
+            u = self.requests.get(eo.request_id)
+            if u is None or u.engine != msg.engine_index:
+                continue  # aborted meanwhile
+            u.output_token_ids.extend(eo.new_token_ids)
             if eo.finished:
-                index = self.engine_of.pop(eo.request_id, None)
-                if index is not None:
-                    self.load[index] -= 1
-        return outputs
+                del self.requests[eo.request_id]
+                self.load[msg.engine_index] -= 1
+            kept.append(eo)
+        return kept
+
+    # ---- engine deaths and restarts ---------------------------------------------------
+    def _poll_events(self) -> bool:
+        """Applies what the manager reported and the engines that registered (no wait);
+        True if there was any."""
+        changed = False
+        if self.proc_manager is not None and self.dead_reason is None:
+            for event in self.proc_manager.take_events():
+                self._apply(event)
+                changed = True
+        while self.dead_reason is None and hasattr(self, "input") and self.input.poll(0):
+            identity, payload = self.input.recv_multipart()
+            engine = self.engines[int.from_bytes(identity, "little")]
+            engine.registered_epoch = msgspec.msgpack.decode(payload, type=int)
+            self._maybe_live(engine)
+            changed = True
+        return changed
+
+    def _apply(self, event: EngineEvent) -> None:
+        if self.dead_reason is not None:
+            return
+        if event.final:
+            engine = self.engines[event.index] if event.index >= 0 else None
+            said = f"{engine.error}; " if engine is not None and engine.error else ""
+            who = f"engine core {event.index}" if engine is not None else "the engine cores"
+            self._fail(f"{who} died: {said}{event.detail}")
+        elif event.kind == "dead":
+            self._engine_died(self.engines[event.index], event.detail)
+        elif event.kind == "ready":
+            engine = self.engines[event.index]
+            engine.epoch, engine.ready, engine.error = event.epoch, True, None
+            self.num_engine_restarts += 1
+            self._maybe_live(engine)
+
+    def _engine_died(self, engine: _EngineLink, detail: str) -> None:
+        """Moves the engine's requests to the live engines (or holds them) at once."""
+        engine.ready = engine.live = False
+        error = EngineRestartingError(
+            f"engine core {engine.index} died ({detail}) during this call; it is being "
+            "restarted, and utility calls are not retried: call again once it is back")
+        for call_id, index in list(self._pending_calls.items()):
+            if index == engine.index:
+                del self._pending_calls[call_id]
+                self._fail_calls(call_id, error)
+        moved = [rid for rid, u in self.requests.items() if u.engine == engine.index]
+        for rid in moved:
+            self.requests[rid].recovering = True
+        self.load[engine.index] = 0
+        logger.warning("engine core %d died (%s); resuming its %d request(s) %s", engine.index,
+                       detail, len(moved),
+                       "elsewhere" if any(e.live for e in self.engines) else "once it is back")
+        self._dispatch(moved)
+
+    def _maybe_live(self, engine: _EngineLink) -> None:
+        """A (re)started engine takes requests once it is ready and has registered; the
+        requests that were waiting for an engine go out then."""
+        if engine.live or not engine.ready or engine.registered_epoch != engine.epoch:
+            return
+        engine.live = True
+        waiting = [rid for rid, u in self.requests.items() if u.engine is None]
+        if waiting:
+            self._dispatch(waiting)
+
+    def _fail(self, reason: str) -> None:
+        if self.dead_reason is None:
+            logger.error("engine is dead: %s", reason)
+            self.dead_reason = reason
+
+    def _utility_done(self, result: UtilityResult) -> None:
+        self._results[result.call_id] = result
+
+    def _fail_calls(self, call_id: int, error: Exception) -> None:
+        self._call_errors[call_id] = error
+
+    def _check_alive(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+
+    def _check_all_live(self, method: str) -> None:
+        down = [e.index for e in self.engines if not e.live]
+        if down:
+            raise EngineRestartingError(
+                f"cannot run {method}: engine core(s) {down} died and are being restarted; "
+                "call again once they are back")
 
     # ---- utility calls ----------------------------------------------------------------
     def call_utility(self, method: str, *args: Any) -> list[Any]:
         """Calls an EngineCore method on every engine; one result per engine."""
+        self._poll_events()
+        self._check_alive()
+        self._check_all_live(method)
+        call_ids = self._send_utility(method, args)
+        try:
+            while not all(c in self._results for c in call_ids):
+                failed = [self._call_errors[c] for c in call_ids if c in self._call_errors]
+                if failed:
+                    raise failed[0]
+                self._buffered.extend(self._recv())
+        finally:
+            for c in call_ids:
+                self._pending_calls.pop(c, None)
+                self._call_errors.pop(c, None)
+            results = [self._results.pop(c, None) for c in call_ids]
+        return check_utility_results(method, results)
+
+    def _send_utility(self, method: str, args: tuple) -> list[int]:
         call_ids = []
-        for index in range(len(self.engines)):
+        for engine in self.engines:
             call_id = next(self._call_ids)
             call_ids.append(call_id)
-            self._send(index, EngineCoreRequestType.UTILITY,
+            self._pending_calls[call_id] = engine.index
+            self._send(engine.index, EngineCoreRequestType.UTILITY,
                        self.encoder.encode(UtilityCall(call_id, method, list(args))))
-        while any(c not in self._results for c in call_ids):
-            self._buffered.extend(self._track(self._recv()))
-        results = [self._results.pop(c) for c in call_ids]
-        errors = [r.error for r in results if r.error]
-        if errors:
-            raise RuntimeError(f"{method} failed in the engine: {errors[0]}")
-        return [r.result for r in results]
+        return call_ids
 
     def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
                        kwargs: dict[str, Any] | None = None) -> list[Any]:
@@ -184,40 +371,40 @@ class SyncMPClient:
 
     # ---- plumbing ---------------------------------------------------------------------
     def _send(self, index: int, kind: EngineCoreRequestType, payload: bytes) -> None:
-        self._check_alive()
-        self.input.send_multipart([self.engines[index].identity, kind.value, payload],
-                                  copy=False)
+        try:
+            self.input.send_multipart([self.engines[index].identity, kind.value, payload],
+                                      copy=False)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            # The engine is gone and its death not reported yet: its requests are re-sent
+            # and its utility calls failed when it is.
+            logger.debug("engine core %d is unreachable; waiting for its death event", index)
 
     def _recv(self) -> list[EngineCoreOutput]:
-        while True:
-            self._wait_readable(self.output)
-            msg = self.decoder.decode(self.output.recv())
-            if msg.engine_dead:
-                raise EngineDeadError(f"engine core {msg.engine_index} failed: "
-                                      f"{msg.engine_dead}")
-            for result in msg.utility_results:
-                self._results[result.call_id] = result
-            if msg.outputs or not msg.utility_results:
-                return msg.outputs
-            if self._results:
-                return []
+        """One message's outputs (possibly none); [] too once an engine died or came back,
+        so callers look again at what they wait for."""
+        if self._wait(self.output):
+            return self._receive(self.decoder.decode(self.output.recv()))
+        return []
 
-    def _wait_readable(self, sock: zmq.Socket) -> None:
-        """Waits for sock, failing at once if an engine process dies meanwhile."""
+    def _wait(self, sock: zmq.Socket) -> bool:
+        """Waits until sock is readable (True) or an engine event or registration was
+        applied (False); raises EngineDeadError once the engine is dead for good."""
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        for sentinel in self.proc_manager.sentinels():
-            poller.register(sentinel, zmq.POLLIN)
+        for s in {sock, self.input}:
+            poller.register(s, zmq.POLLIN)
+        events_fd = self.proc_manager.events_fd() if self.proc_manager else None
+        if events_fd is not None:
+            poller.register(events_fd, zmq.POLLIN)
         while True:
-            events = dict(poller.poll(1000))
-            if sock in events:
-                return
+            ready = dict(poller.poll(1000))
+            changed = self._poll_events()
             self._check_alive()
-
-    def _check_alive(self) -> None:
-        dead = self.proc_manager.finished_procs() if self.proc_manager else {}
-        if dead:
-            raise EngineDeadError(f"engine core process(es) exited: {dead}")
+            if sock is not self.input and sock in ready:
+                return True
+            if changed:
+                return False
 
     def shutdown(self) -> None:
         if self._closed:
@@ -225,14 +412,24 @@ class SyncMPClient:
         self._closed = True
         if self.proc_manager is not None:
             if self._owns_engines and hasattr(self, "input"):
+                self.proc_manager.begin_shutdown()
                 for engine in self.engines:
+                    if not engine.ready:
+                        continue  # dead, or restarting: the manager ends it
                     try:
                         self.input.send_multipart([
                             engine.identity, EngineCoreRequestType.UTILITY.value,
                             self.encoder.encode(UtilityCall(-1, "shutdown"))])
                     except zmq.ZMQError:
-                        pass  # not connected (start-up failed) or already gone
+                        pass  # already gone
                 self.proc_manager.wait_for_exit(SHUTDOWN_WAIT_S)
             self.proc_manager.close()
         self.ctx.destroy(linger=0)
         unlink_ipc(*self._ipc_paths)
+
+
+def check_utility_results(method: str, results: list[UtilityResult | None]) -> list[Any]:
+    errors = [r.error for r in results if r is not None and r.error]
+    if errors:
+        raise RuntimeError(f"{method} failed in the engine: {errors[0]}")
+    return [r.result for r in results]

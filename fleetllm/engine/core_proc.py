@@ -56,6 +56,8 @@ class EngineCoreProc:
             if not handshake.poll(HANDSHAKE_TIMEOUT_MS):
                 raise TimeoutError("the front end did not answer HELLO")
             meta = msgspec.msgpack.decode(handshake.recv(), type=EngineHandshakeMetadata)
+            self.epoch = meta.epoch  # so a restarted engine's outputs are told from its
+            # predecessor's
             try:
                 self.core = EngineCore(config)
             except Exception as e:  # tell the front end why, then exit non-zero
@@ -70,7 +72,9 @@ class EngineCoreProc:
                 sock.setsockopt(zmq.IDENTITY, self.identity)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(address)
-                sock.send(b"")  # registers our identity with the client's router
+                # Registers our identity with the client's router; the epoch tells the
+                # client which start of this engine may now be sent requests.
+                sock.send(msgspec.msgpack.encode(self.epoch))
                 self.inputs.append(sock)
             self.outputs: list[zmq.Socket] = []
             for address in meta.addresses.outputs:
@@ -158,9 +162,13 @@ class EngineCoreProc:
         if kind == EngineCoreRequestType.ADD:
             r = self.request_decoder.decode(payload)
             self.client_of[r.request_id] = client
-            self.core.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params,
-                                          tuple(r.eos_token_ids), r.cache_salt,
-                                          r.output_token_ids))
+            try:
+                self.core.add_request(Request(r.request_id, r.prompt_token_ids,
+                                              r.sampling_params, tuple(r.eos_token_ids),
+                                              r.cache_salt, r.output_token_ids))
+            except RuntimeError as e:  # sleeping or dead: this request fails, not the engine
+                self._send_outputs([EngineCoreOutput(r.request_id, [], finish_reason="error",
+                                                     error=str(e))])
         elif kind == EngineCoreRequestType.ABORT:
             ids = msgspec.msgpack.decode(payload, type=list[str])
             for rid in ids:
@@ -183,6 +191,7 @@ class EngineCoreProc:
             return UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}")
 
     def _send(self, client: int, outputs: EngineCoreOutputs) -> None:
+        outputs.epoch = self.epoch
         self.outputs[client].send(self.encoder.encode(outputs), copy=False)
 
     def close(self) -> None:

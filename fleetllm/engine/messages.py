@@ -2,6 +2,7 @@
 
 Frames on the input socket: [request type, payload]; on the output socket: one
 EngineCoreOutputs. The start-up handshake uses HandshakeStatus and EngineHandshakeMetadata.
+Whoever owns the engine processes reports their deaths and restarts as EngineEvents.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     stats: dict[str, float] = msgspec.field(default_factory=dict)
     # set when the engine hit an unrecoverable error; the front end fails its requests
     engine_dead: str | None = None
+    # which start of this engine index sent it (0 first, +1 per restart), so a front end
+    # can drop what a dead predecessor sent after its requests were re-sent elsewhere
+    epoch: int = 0
 
 
 class EngineZmqAddresses(msgspec.Struct, array_like=True):
@@ -66,6 +70,27 @@ class EngineZmqAddresses(msgspec.Struct, array_like=True):
 class EngineHandshakeMetadata(msgspec.Struct, array_like=True):
     addresses: EngineZmqAddresses
     parallel_config: dict[str, int | str]
+    epoch: int = 0  # stamped on every EngineCoreOutputs the engine sends
+
+
+class EngineEvent(msgspec.Struct, array_like=True):
+    """An engine core ended or came back, as its owner (the front end's manager, or the
+    supervisor over a pipe) reports it.
+
+    "dead": engine `index` ended (`detail` says how); `restarting` if a new one is being
+    started, else the engine is gone for good (index -1: all of them).
+    "ready": the new engine for `index` finished the handshake; its outputs carry `epoch`.
+    """
+
+    kind: str  # "dead" | "ready"
+    index: int
+    detail: str = ""
+    restarting: bool = False
+    epoch: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.kind == "dead" and not self.restarting
 
 
 class HandshakeStatus(msgspec.Struct):

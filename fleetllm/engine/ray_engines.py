@@ -3,8 +3,9 @@
 Each data-parallel rank gets its own STRICT_PACK placement group of world-size bundles, so
 an engine and its tp/pp workers land on one node. The engine actor runs the same busy loop
 as an engine process, in a long-running `run` call; that call's ObjectRef ending is how a
-dead engine is noticed, and a pipe turns it into a file descriptor the front end can poll
-like a process sentinel.
+dead engine is noticed (a pipe turns it into a file descriptor the start-up handshake can
+poll like a process sentinel). A dead engine's replacement is a new actor in the same
+placement group, started through the same handshake (RestartingManager).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleetllm.config import EngineConfig
 from fleetllm.engine.core_proc import EngineCoreProc
+from fleetllm.engine.launch import EngineState, RestartingManager
 from fleetllm.errors import ConfigurationError
 from fleetllm.executor.ray import CPUS_PER_WORKER, PLACEMENT_TIMEOUT_S
 
@@ -68,8 +70,11 @@ class EngineCoreActor:
         EngineCoreProc.run_engine_core(*self.args, in_actor=True)
 
 
-class CoreEngineActorManager:
-    """Creates the engine-core actors, watches them, and removes them (and their groups)."""
+class CoreEngineActorManager(RestartingManager):
+    """Creates the engine-core actors, watches them (and, once start_recovery was called,
+    restarts dead ones), and removes them (and their groups)."""
+
+    engine_name_format = "EngineCoreActor_{}"
 
     def __init__(self, config: EngineConfig, data_parallel_size: int, handshake_address: str,
                  owns_ray: bool = False) -> None:
@@ -77,12 +82,14 @@ class CoreEngineActorManager:
         self.actors: list[Any] = []
         self.placement_groups: list[PlacementGroup] = []
         self.run_refs: list[ray.ObjectRef] = []
-        self._finished: dict[str, int] = {}
         self.errors: dict[str, str] = {}
+        self._init_recovery(config, range(data_parallel_size), data_parallel_size)
         self._read_fd, self._write_fd = os.pipe()
         self._stop = threading.Event()
         self._closed = False
         self._watcher: threading.Thread | None = None
+        self._tag = uuid.uuid4().hex[:8]
+        self._actor_cls = ray.remote(EngineCoreActor)
         try:
             self._start(config, data_parallel_size, handshake_address)
         except BaseException:
@@ -91,13 +98,12 @@ class CoreEngineActorManager:
 
     def _start(self, config: EngineConfig, dp: int, handshake_address: str) -> None:
         world = config.parallel_config.world_size
-        cuda = config.device_config.device == "cuda"
-        bundle = {"GPU": 1.0} if cuda else {"CPU": CPUS_PER_WORKER}
-        tag = uuid.uuid4().hex[:8]
+        bundle = {"GPU": 1.0} if config.device_config.device == "cuda" else {
+            "CPU": CPUS_PER_WORKER}
         for rank in range(dp):
             self.placement_groups.append(placement_group(
                 [dict(bundle) for _ in range(world)], strategy="STRICT_PACK",
-                name=f"fleetllm_dp{rank}_{tag}"))
+                name=f"fleetllm_dp{rank}_{self._tag}"))
         try:
             ray.get([pg.ready() for pg in self.placement_groups], timeout=PLACEMENT_TIMEOUT_S)
         except GetTimeoutError:
@@ -105,41 +111,59 @@ class CoreEngineActorManager:
                 f"Ray could not place {dp} data-parallel engines, each needing {world} "
                 f"bundle(s) of {bundle} on one node, within {PLACEMENT_TIMEOUT_S:.0f} s; the "
                 f"cluster has {ray.available_resources()} available") from None
-        # A Ray executor inside the engine takes the group's bundles for its workers; any
-        # other keeps its rank 0 in the engine actor, which then holds bundle 0.
-        inner_ray = config.parallel_config.distributed_executor_backend == "ray"
-        actor_cls = ray.remote(EngineCoreActor)
-        omp = os.environ.get("OMP_NUM_THREADS")
-        for rank, pg in enumerate(self.placement_groups):
-            strategy = PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=0,
-                placement_group_capture_child_tasks=True)
-            actor = actor_cls.options(
-                name=f"fleetllm_EngineCore_{rank}_{tag}",
-                num_cpus=0 if inner_ray or cuda else CPUS_PER_WORKER,
-                num_gpus=0 if inner_ray or not cuda else 1,
-                scheduling_strategy=strategy,
-            ).remote(config, handshake_address, rank, dp, omp)
+        for rank in range(dp):
+            actor = self._new_actor(rank, handshake_address)
             self.actors.append(actor)
             self.run_refs.append(actor.run.remote())
         self._watcher = threading.Thread(target=self._watch, daemon=True,
                                          name="fleetllm-engine-actor-watch")
         self._watcher.start()
 
+    def _new_actor(self, rank: int, handshake_address: str) -> Any:
+        config = self._config
+        cuda = config.device_config.device == "cuda"
+        # A Ray executor inside the engine takes the group's bundles for its workers; any
+        # other keeps its rank 0 in the engine actor, which then holds bundle 0.
+        inner_ray = config.parallel_config.distributed_executor_backend == "ray"
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group=self.placement_groups[rank], placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=True)
+        return self._actor_cls.options(
+            name=f"fleetllm_EngineCore_{rank}_{self._tag}_{self._epochs[rank]}",
+            num_cpus=0 if inner_ray or cuda else CPUS_PER_WORKER,
+            num_gpus=0 if inner_ray or not cuda else 1,
+            scheduling_strategy=strategy,
+        ).remote(config, handshake_address, rank, self._data_parallel_size,
+                 os.environ.get("OMP_NUM_THREADS"))
+
+    def _spawn(self, index: int, handshake_address: str) -> None:
+        """A new actor in the dead one's placement group (its bundle is free again)."""
+        actor = self._new_actor(index, handshake_address)
+        self.actors[index], self.run_refs[index] = actor, actor.run.remote()
+
     def _watch(self) -> None:
-        pending = list(self.run_refs)
-        while pending and not self._stop.is_set() and ray.is_initialized():
-            done, pending = ray.wait(pending, num_returns=1, timeout=WATCH_PERIOD_S)
+        """Reports each watched actor's end once; picks up restarted actors' refs."""
+        while not self._stop.is_set() and ray.is_initialized():
+            with self._lock:
+                watched = {self.run_refs[i]: i for i in self._indexes
+                           if self._states[i] is not EngineState.DEAD}
+            if not watched:
+                self._stop.wait(WATCH_PERIOD_S)
+                continue
+            done, _ = ray.wait(list(watched), num_returns=1, timeout=WATCH_PERIOD_S)
             for ref in done:
-                name = f"EngineCoreActor_{self.run_refs.index(ref)}"
+                index = watched[ref]
+                name = self.engine_name(index)
                 try:
                     ray.get(ref)
-                    code = 0
+                    code, detail = 0, f"{name} returned"
                 except RayActorError as e:  # killed, or its process died
                     code, self.errors[name] = -9, str(e).splitlines()[0]
+                    detail = f"{name} died: {self.errors[name]}"
                 except Exception as e:  # run raised: the engine failed
                     code, self.errors[name] = 1, str(e).splitlines()[-1]
-                self._finished[name] = code
+                    detail = f"{name} failed: {self.errors[name]}"
+                self._engine_ended(index, code, detail)
                 os.write(self._write_fd, b"x")
 
     # ---- the EngineManager surface ------------------------------------------------------
@@ -147,7 +171,8 @@ class CoreEngineActorManager:
         return [self._read_fd]
 
     def finished_procs(self) -> dict[str, int]:
-        return dict(self._finished)
+        with self._lock:
+            return {self.engine_name(i): code for i, (code, _) in self._ended.items()}
 
     def join_first(self) -> None:
         import select
@@ -155,14 +180,17 @@ class CoreEngineActorManager:
         select.select([self._read_fd], [], [])
 
     def wait_for_exit(self, timeout: float) -> None:
-        """After the engines were asked to stop: gives them up to timeout to do so."""
-        if self.run_refs and ray.is_initialized():
-            ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=timeout)
+        """After the engines were asked to stop: gives them up to timeout to do so (engines
+        still starting would not stop by themselves: close() ends them)."""
+        refs = [self.run_refs[i] for i in self._running()]
+        if refs and ray.is_initialized():
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self.begin_shutdown()
         self._stop.set()
         if ray.is_initialized():
             for actor in self.actors:
@@ -175,9 +203,9 @@ class CoreEngineActorManager:
                     remove_placement_group(pg)
                 except Exception:
                     logger.debug("remove_placement_group failed", exc_info=True)
-        self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
+        self._events.close()
         os.close(self._read_fd)
         os.close(self._write_fd)
         if self.owns_ray and ray.is_initialized():
