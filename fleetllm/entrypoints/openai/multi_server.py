@@ -3,8 +3,11 @@
 The parent (the supervisor) binds the listening socket, starts the engine cores (processes
 or Ray actors) and runs their handshake, then spawns N API server processes. Each inherits
 the socket (the kernel spreads connections across them) and binds its own pair of ZMQ
-sockets, to which every engine connects. The supervisor then waits: if any process or
-actor dies it tears the whole tree down; SIGTERM or Ctrl-C stops it cleanly.
+sockets, to which every engine connects. The supervisor then waits. An engine core that
+dies is restarted by the supervisor's engine manager (it owns the processes), and each API
+server hears of the death and of the return over its pipe (EngineEvent), re-sending its own
+unfinished requests. An engine that cannot be restarted, or any API server that dies, tears
+the whole tree down; SIGTERM or Ctrl-C stops it cleanly.
 """
 
 from __future__ import annotations
@@ -36,22 +39,20 @@ from fleetllm.engine.launch import (
     launch_core_engines,
     shutdown,
     unlink_ipc,
-    wait_for_finished,
 )
+from fleetllm.engine.messages import EngineEvent
 
 from .server import ENGINE_DEATH_GRACE_S, _raise_stopped, _Stopped, listen_socket, serve_http
 
 logger = logging.getLogger(__name__)
-
-EXIT_CODE_WAIT_S = 1.0
 
 
 class APIServerProcessManager:
     """Starts the API server processes, and terminates them (then their trees) on close.
 
     Each server gets the listening socket, its client config (engine addresses and its
-    index), and the read end of a pipe on which `notify_engine_death` tells it the engines
-    died; the pipe also reads as closed if this process dies."""
+    index), and the read end of a pipe on which `notify` passes on the engine events; the
+    pipe also reads as closed if this process dies."""
 
     def __init__(self, target_server_fn: Callable[..., Any], listen_address: str,
                  sock: socket.socket, args: argparse.Namespace, num_servers: int,
@@ -79,8 +80,8 @@ class APIServerProcessManager:
                 reader.close()  # the child has its own copy
         logger.info("started %d API server processes on %s", num_servers, listen_address)
 
-    def notify_engine_death(self, finished: dict[str, int]) -> None:
-        message = msgspec.json.encode(finished)
+    def notify(self, event: EngineEvent) -> None:
+        message = msgspec.msgpack.encode(event)
         for link in self._links:
             try:
                 link.send_bytes(message)
@@ -99,27 +100,22 @@ def _close(processes: list[BaseProcess], links: list[Connection]) -> None:
 
 def wait_for_completion_or_failure(api_server_manager: APIServerProcessManager,
                                    engine_manager: EngineManager | None = None) -> None:
-    """Waits until any API server or engine core ends, then tears everything down.
+    """Waits until any API server ends or an engine core dies for good, then tears
+    everything down; passes every engine event on to the API servers meanwhile.
 
-    Raises RuntimeError naming what died with a non-zero code (engines always count: they
-    only stop when told). Returns when the API servers all stopped cleanly; KeyboardInterrupt
-    (Ctrl-C, or SIGTERM turned into _Stopped) stops the tree without an error."""
+    Raises RuntimeError naming what died with a non-zero code (an engine that could not be
+    restarted always counts: engines only stop when told). Returns when the API servers all
+    stopped cleanly; KeyboardInterrupt (Ctrl-C, or SIGTERM turned into _Stopped) stops the
+    tree without an error."""
     by_sentinel = {p.sentinel: p for p in api_server_manager.processes}
-    engine_sentinels = engine_manager.sentinels() if engine_manager else []
+    events_fd = engine_manager.events_fd() if engine_manager else None
     try:
         logger.info("supervising %d API server(s) and the engine cores",
                     len(by_sentinel))
         while True:
-            ready = connection.wait([*by_sentinel, *engine_sentinels])
-            if engine_manager is not None and any(s in engine_sentinels for s in ready):
-                engines_done = wait_for_finished(engine_manager, EXIT_CODE_WAIT_S)
-                # The servers answer 503 and end their streams with an error meanwhile.
-                api_server_manager.notify_engine_death(engines_done)
-                detail = ", ".join(f"{n} exited with code {c}" for n, c in engines_done.items())
-                logger.error("engine core died (%s); stopping every process in %.0f s",
-                             detail, ENGINE_DEATH_GRACE_S)
-                time.sleep(ENGINE_DEATH_GRACE_S)
-                raise RuntimeError(f"engine core died: {detail}")
+            ready = connection.wait([*by_sentinel, *([] if events_fd is None else [events_fd])])
+            if events_fd in ready:
+                _pass_on_engine_events(api_server_manager, engine_manager)
             ended = [p for p in api_server_manager.processes if not p.is_alive()]
             if ended:
                 failed = [p for p in ended if p.exitcode != 0]
@@ -135,6 +131,21 @@ def wait_for_completion_or_failure(api_server_manager: APIServerProcessManager,
         api_server_manager.close()
         if engine_manager is not None:
             engine_manager.close()
+
+
+def _pass_on_engine_events(api_server_manager: APIServerProcessManager,
+                           engine_manager: EngineManager) -> None:
+    """Tells every API server; an engine dead for good ends the tree after the grace
+    period, in which the servers answer 503 and end their streams with an error."""
+    for event in engine_manager.take_events():
+        api_server_manager.notify(event)
+        if event.final:
+            logger.error("engine core died (%s); stopping every process in %.0f s",
+                         event.detail, ENGINE_DEATH_GRACE_S)
+            time.sleep(ENGINE_DEATH_GRACE_S)
+            raise RuntimeError(f"engine core died: {event.detail}")
+        logger.info("engine core %d %s (%s)", event.index,
+                    "died; restarting it" if event.kind == "dead" else "is back", event.detail)
 
 
 def run_multi_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:

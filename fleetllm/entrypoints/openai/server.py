@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fleetllm import __version__
 from fleetllm.config import EngineArgs
 from fleetllm.engine.async_llm import AsyncLLM
-from fleetllm.errors import EngineDeadError
+from fleetllm.errors import EngineDeadError, EngineRestartingError
 
 from .protocol import (
     ChatCompletionRequest,
@@ -73,9 +73,13 @@ ENGINE_COUNTERS = (
 
 
 class _EngineStats(Collector):
-    """Exports the engines' last reported scheduler stats, one sample per engine."""
+    """Exports the engines' last reported scheduler stats, one sample per engine, and the
+    restarts: of engine cores, as this front end saw them (every API server hears of every
+    one, so any server's count is the total), and of workers, summed over the engines (a
+    restarted engine core starts from 0, which Prometheus reads as a counter reset)."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: AsyncLLM) -> None:
+        self.engine = engine
         self.per_engine: list[dict[str, float]] = []
 
     def collect(self) -> Iterator[Metric]:
@@ -86,6 +90,17 @@ class _EngineStats(Collector):
                 for i, stats in enumerate(self.per_engine):
                     metric.add_metric([str(i)], stats.get(key, 0.0))
                 yield metric
+        yield CounterMetricFamily("fleetllm:engine_restarts",
+                                  "Engine cores that died and were restarted.",
+                                  value=self.engine.num_engine_restarts)
+        yield CounterMetricFamily(
+            "fleetllm:worker_restarts", "Workers restarted inside the engine cores.",
+            value=sum(s.get("num_worker_restarts", 0.0) for s in self.per_engine))
+        yield CounterMetricFamily(
+            "fleetllm:requests_recomputed",
+            "Requests put back and recomputed inside an engine core after its workers "
+            "were restarted.",
+            value=sum(s.get("num_requests_recomputed", 0.0) for s in self.per_engine))
 
 
 class ServerMetrics:
@@ -94,9 +109,15 @@ class ServerMetrics:
     def __init__(self, engine: AsyncLLM) -> None:
         self.engine = engine
         self.registry = CollectorRegistry()
-        self.engine_stats = _EngineStats()
+        self.engine_stats = _EngineStats(engine)
         self.registry.register(self.engine_stats)
         r = self.registry
+        # A multiprocess counter: with several API servers, each re-sends its own requests.
+        self.requests_recovered = Counter(
+            "fleetllm:requests_recovered",
+            "Unfinished requests re-sent to a live engine after their engine core died.",
+            registry=r)
+        engine.on_requests_recovered(self.requests_recovered.inc)
         self.prompt_tokens = Counter("fleetllm:prompt_tokens", "Prefilled prompt tokens.",
                                      registry=r)
         self.generation_tokens = Counter("fleetllm:generation_tokens", "Generated tokens.",
@@ -133,8 +154,8 @@ class ServerMetrics:
         if not self.engine.errored:
             try:
                 self.engine_stats.per_engine = await self.engine.get_stats()
-            except EngineDeadError:
-                pass  # keep the last numbers; /health reports the death
+            except (EngineDeadError, EngineRestartingError):
+                pass  # keep the last numbers; /health reports a death
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             return generate_latest(self.registry)
         # Several API server processes: any of them answers a scrape with the sum of all.
@@ -234,9 +255,11 @@ def _respond(result: Any) -> Any:
 
 def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None,
               on_engine_death: Callable[[str], None] | None = None) -> FastAPI:
-    """The app owns the engine: it shuts it down when the app's lifespan ends. If the engine
-    dies, /health answers 503 for ENGINE_DEATH_GRACE_S (so probes and load balancers see
-    it), then on_engine_death(reason) is called: the server uses it to stop."""
+    """The app owns the engine: it shuts it down when the app's lifespan ends. While an
+    engine core that died is restarted, /health stays 200 (streams pause, then go on). If
+    the engine dies for good, /health answers 503 for ENGINE_DEATH_GRACE_S (so probes and
+    load balancers see it), then on_engine_death(reason) is called: the server uses it to
+    stop."""
     metrics = ServerMetrics(engine)
     serving = OpenAIServing(engine, served_model_names, metrics.track)
 
