@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from fleetllm import LLM, SamplingParams
@@ -104,3 +108,55 @@ def kv_block_bytes(num_layers: int = 2, num_kv_heads: int = 2, head_dim: int = 1
                    itemsize: int = 4, block_size: int = BLOCK_SIZE) -> int:
     """Bytes of one KV-cache block over all layers (K and V)."""
     return 2 * block_size * num_kv_heads * head_dim * itemsize * num_layers
+
+
+def engine_core_process(index: int = 0, root: int | None = None, timeout: float = 0.0,
+                        other_than: int | None = None) -> psutil.Process:
+    """The engine-core process `ps` shows as fleetllm-core{index} under root (default: this
+    process), waiting up to timeout seconds for one whose pid is not other_than (a
+    restarted engine takes a moment)."""
+    name = f"fleetllm-core{index}"
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [p for p in psutil.Process(root).children(recursive=True)
+                 if _name(p) == name and p.pid != other_than]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no process named {name}"
+        time.sleep(0.05)
+
+
+def _name(proc: psutil.Process) -> str:
+    """The name of a live process; "" for one that has ended."""
+    try:
+        return "" if proc.status() == psutil.STATUS_ZOMBIE else proc.name()
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def sigkill_engine_core(index: int = 0, root: int | None = None) -> int:
+    """SIGKILLs the process named fleetllm-core{index}; returns its pid."""
+    pid = engine_core_process(index, root).pid
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def kill_mid_generate(llm: LLM, kill: Callable[[], Any], after_tokens: int = 20) -> list[int]:
+    """Makes llm's next generate() call kill() (an engine core) right after the first step
+    in which some request has after_tokens output tokens, so every request is under way;
+    returns a list that then holds how many tokens each unfinished request had."""
+    client = llm.engine_core
+    step = client.step
+    delivered: list[int] = []
+
+    def step_then_kill() -> Any:
+        out = step()
+        counts = [len(u.output_token_ids) for u in client.requests.values()]
+        if max(counts, default=0) >= after_tokens:
+            client.step = step
+            delivered.extend(counts)
+            kill()
+        return out
+
+    client.step = step_then_kill
+    return delivered

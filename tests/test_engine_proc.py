@@ -71,7 +71,8 @@ def test_engine_that_fails_to_start_reports_its_error(llama_dir: Path, tmp_path:
 
 
 def test_killed_engine_fails_generate(llama_dir: Path) -> None:
-    llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV, engine_process=True)
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV, engine_process=True,
+              max_worker_restarts=0)  # recovery off: the old, fatal behaviour
     pid = llm.engine_core.proc_manager.processes[0].pid
 
     def kill_soon() -> None:

@@ -349,7 +349,7 @@ def test_data_parallel_engine_actors(llama_dir: Path, ray_session: None,
 
     from fleetllm.errors import EngineDeadError
 
-    llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV, data_parallel_size=2,
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV, data_parallel_size=2, max_worker_restarts=0,
               data_parallel_backend="ray")
     manager = llm.engine_core.proc_manager
     try:

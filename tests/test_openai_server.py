@@ -272,7 +272,7 @@ def kill_engines_mid_stream(server: Server) -> list[str]:
 
 
 def test_engine_death_fails_health_and_streams(llama_dir: Path, tmp_path: Path) -> None:
-    with serve(llama_dir, tmp_path / "server.log") as server:
+    with serve(llama_dir, tmp_path / "server.log", "--max-worker-restarts", "0") as server:
         rest = kill_engines_mid_stream(server)
         assert any('"error"' in line for line in rest), rest[-3:]
         assert rest[-1] == "data: [DONE]"

@@ -77,7 +77,7 @@ def test_mp_worker_killed_mid_generate_loses_nothing(llama_dir: Path, tp: int, p
         out = generate_ids(llm, PROMPTS, LONG)
         core = llm.engine_core
         assert core.num_worker_restarts == 1
-        assert core.num_requests_recovered == len(PROMPTS)
+        assert core.num_requests_recomputed == len(PROMPTS)
         assert _gone(old)
         new = _mp_pids(llm)
         assert not set(new) & set(old) and all(psutil.pid_exists(p) for p in new)

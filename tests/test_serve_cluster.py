@@ -123,7 +123,8 @@ def _tree(pid: int) -> list[psutil.Process]:
 def test_supervisor_tears_down_the_tree_when_an_engine_dies(llama_dir: Path,
                                                             tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    with serve(llama_dir, log, "--data-parallel-size", "2", "--api-server-count", "2") as s:
+    with serve(llama_dir, log, "--data-parallel-size", "2", "--api-server-count", "2",
+               "--max-worker-restarts", "0") as s:
         tree = _tree(s.proc.pid)
         rest = kill_engines_mid_stream(s)
         assert any('"error"' in line for line in rest), rest[-3:]
