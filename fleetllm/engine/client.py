@@ -24,12 +24,12 @@ import msgspec
 import zmq
 
 from fleetllm.config import EngineConfig
+from fleetllm.engine.handshake import unlink_ipc
 from fleetllm.engine.launch import (
     EngineConnection,
     EngineManager,
     SupervisorLink,
     launch_core_engines,
-    unlink_ipc,
 )
 from fleetllm.engine.messages import (
     EngineCoreOutputs,

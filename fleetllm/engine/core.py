@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fleetllm.config import RESTART_WINDOW_S, EngineConfig
+from fleetllm.engine.restart import RestartBudget
 from fleetllm.errors import (
     ConfigurationError,
     EngineDeadError,
@@ -40,23 +41,6 @@ logger = logging.getLogger(__name__)
 
 GROW_AFTER_STEPS = 100  # good steps after an out-of-memory step before the limits grow
 OOM_ERRORS = (OutOfMemoryError, MemoryError, torch.OutOfMemoryError)
-
-
-class RestartBudget:
-    """At most `limit` restarts within any `window_s` seconds."""
-
-    def __init__(self, limit: int, window_s: float = RESTART_WINDOW_S) -> None:
-        self.limit, self.window_s = limit, window_s
-        self.times: deque[float] = deque()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        while self.times and now - self.times[0] > self.window_s:
-            self.times.popleft()
-        if len(self.times) >= self.limit:
-            return False
-        self.times.append(now)
-        return True
 
 
 class EngineCore:
@@ -78,7 +62,7 @@ class EngineCore:
             deque(maxlen=batches) if batches > 1 else None)
         self.restarts = RestartBudget(config.parallel_config.max_worker_restarts)
         self.num_worker_restarts = 0
-        self.num_requests_recovered = 0
+        self.num_requests_recomputed = 0
         self.dead_reason: str | None = None
         self._good_steps = 0  # since the limits were last lowered or raised
         self.startup_seconds = time.perf_counter() - start
@@ -168,7 +152,7 @@ class EngineCore:
         return self.scheduler.abandon_in_flight(kv_lost)
 
     def _restart_workers(self, error: WorkerCrashedError) -> None:
-        if not self.executor.can_restart or not self.restarts.take():
+        if not self.executor.can_restart or not self.restarts.take(0):
             limit = self.config.parallel_config.max_worker_restarts
             why = (f"the {type(self.executor).__name__} cannot restart workers"
                    if not self.executor.can_restart else
@@ -185,7 +169,7 @@ class EngineCore:
             self._die(f"restarting the workers after ({error}) failed: {e}", e)
         self.scheduler.set_num_blocks(num_blocks)
         self.num_worker_restarts += 1
-        self.num_requests_recovered += len(recovered)
+        self.num_requests_recomputed += len(recovered)
         logger.warning("workers restarted in %.2f s; %d requests resume",
                        time.perf_counter() - start, len(recovered))
 
@@ -262,7 +246,7 @@ class EngineCore:
 
     def stats(self) -> dict[str, float]:
         return {**self.scheduler.stats(), "num_worker_restarts": self.num_worker_restarts,
-                "num_requests_recovered": self.num_requests_recovered}
+                "num_requests_recomputed": self.num_requests_recomputed}
 
     def shutdown(self) -> None:
         self.executor.shutdown()

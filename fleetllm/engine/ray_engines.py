@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleetllm.config import EngineConfig
 from fleetllm.engine.core_proc import EngineCoreProc
-from fleetllm.engine.launch import EngineState, RestartingManager
+from fleetllm.engine.restart import EngineState, RestartingManager
 from fleetllm.errors import ConfigurationError
 from fleetllm.executor.ray import CPUS_PER_WORKER, PLACEMENT_TIMEOUT_S
 

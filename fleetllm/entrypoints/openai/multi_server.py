@@ -33,12 +33,12 @@ import msgspec
 
 from fleetllm.config import EngineArgs
 from fleetllm.engine.core_proc import set_process_name
+from fleetllm.engine.handshake import unlink_ipc
 from fleetllm.engine.launch import (
     EngineConnection,
     EngineManager,
     launch_core_engines,
     shutdown,
-    unlink_ipc,
 )
 from fleetllm.engine.messages import EngineEvent
 
