@@ -326,3 +326,18 @@ def test_prefix_cache_hits_in_scheduler():
     assert so.scheduled_new_reqs[0].num_computed_tokens == 8
     stats = sched.stats()
     assert stats["prefix_cache_hits"] == 8
+
+
+def test_copies_of_one_request_leave_room_for_a_later_one():
+    """n=10 copies queued first hold at most half of max_num_seqs, so a request that
+    arrives after them runs in the first step instead of after all the copies."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
+                                      max_model_len=64), num_blocks=64, block_size=BS)
+    for k in range(10):
+        sched.add_request(req(f"{k}_big", toks(1, 5), n=10))
+    sched.add_request(req("small", toks(50, 3)))
+    out = sched.schedule()
+    scheduled = set(out.num_scheduled_tokens)
+    assert "small" in scheduled
+    assert len(scheduled - {"small"}) == 2  # half of max_num_seqs
+    assert len(sched.waiting) == 8

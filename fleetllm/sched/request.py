@@ -54,6 +54,9 @@ class Request:
         self.cache_salt = cache_salt
         self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
+        # The copies of one n > 1 request ("{k}_{request id}", engine/inputs.py) form a
+        # group, whose share of the running slots the scheduler bounds.
+        self.group = request_id.partition("_")[2] if sampling_params.n > 1 else None
 
     @property
     def num_tokens(self) -> int:

@@ -103,14 +103,22 @@ class Scheduler:
             req.num_sent_tokens = req.num_tokens
             i += 1
 
+        group_running: dict[str, int] = {}
+        for r in self.running:
+            if r.group is not None:
+                group_running[r.group] = group_running.get(r.group, 0) + 1
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
-            req = self.waiting[0]
+            req = self._next_waiting(group_running)
+            if req is None:
+                break
             computed, num_hit = self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit, budget)
             if self.kv.allocate_slots(req, num_new, computed) is None:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
+            if req.group is not None:
+                group_running[req.group] = group_running.get(req.group, 0) + 1
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
             req.num_computed_tokens = num_hit
@@ -136,6 +144,16 @@ class Scheduler:
         if out.total_num_scheduled_tokens:  # an empty step is never sent to the workers
             self.in_flight.append((out, self.kv.take_new_hashes()))
         return out
+
+    def _next_waiting(self, group_running: dict[str, int]) -> Request | None:
+        """The first waiting request whose n > 1 group holds fewer than half the running
+        slots: a request's copies (n up to --max-n) cannot keep a later request waiting
+        until they all finish. None when only such copies wait and the cap is reached."""
+        cap = max(1, self.max_num_seqs // 2)
+        for req in self.waiting:
+            if req.group is None or group_running.get(req.group, 0) < cap:
+                return req
+        return None
 
     def _will_finish(self, req: Request) -> bool:
         """Whether the outputs already in flight take the request to max_tokens or
