@@ -221,6 +221,8 @@ class ParallelConfig:
     rank: int = 0
     # A class mixed into every worker ("pkg.mod.Class"); its methods are callable by name.
     worker_extension_cls: str | None = None
+    # Layers of each pipeline stage (as even as possible unless the user chose); () for pp=1.
+    pp_layer_partition: tuple[int, ...] = ()
     # Recovery: restarts allowed per RESTART_WINDOW_S (0 disables recovery), and how long
     # one execute_model call may run before its workers are declared hung.
     max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS
@@ -269,12 +271,35 @@ def check_parallel_sizes(mc: ModelConfig, tp: int, pp: int) -> None:
             f"{heads}, num_key_value_heads={kv}, intermediate_size={inter}); sizes that work: "
             f"{good}"
         )
-    if layers % pp:
-        good = [p for p in range(1, layers + 1) if layers % p == 0]
+    if pp > layers:
         raise ConfigurationError(
-            f"pipeline_parallel_size={pp} does not divide num_hidden_layers={layers}; sizes "
-            f"that work: {good}"
-        )
+            f"pipeline_parallel_size={pp} is more stages than the model has layers "
+            f"(num_hidden_layers={layers}); use at most {layers}")
+
+
+def get_pp_partition(num_layers: int, pp: int, partition: str | None = None
+                     ) -> tuple[int, ...]:
+    """Layers per pipeline stage. By default as even as possible, the remainder going one
+    layer each to the stages before the last, from the last backwards (vLLM's
+    get_pp_indices: the last stage also holds the final norm and the LM head); or the
+    user's "2,1", which must add up to num_layers with at least one layer per stage."""
+    if partition is None:
+        parts = [num_layers // pp] * pp
+        for i in range(2, num_layers % pp + 2):
+            parts[-i] += 1
+        return tuple(parts) if pp > 1 else ()
+    try:
+        parts = [int(p) for p in str(partition).split(",")]
+    except ValueError:
+        raise ConfigurationError(
+            f"pp_layer_partition={partition!r} must be comma-separated layer counts, e.g. "
+            f"'2,1'") from None
+    if len(parts) != pp or sum(parts) != num_layers or min(parts) < 1:
+        raise ConfigurationError(
+            f"pp_layer_partition={partition!r} must give {pp} stages (pipeline_parallel_size) "
+            f"at least one layer each, adding up to num_hidden_layers={num_layers}; it gives "
+            f"{len(parts)} stages and {sum(parts)} layers")
+    return tuple(parts) if pp > 1 else ()
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -304,6 +329,7 @@ class EngineArgs:
     max_logprobs: int = 20
     async_scheduling: bool = False
     worker_extension_cls: str | None = None
+    pp_layer_partition: str | None = None
     max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS
     execute_model_timeout_s: float = DEFAULT_EXECUTE_MODEL_TIMEOUT_S
 
@@ -373,6 +399,10 @@ class EngineArgs:
             parallel_config=ParallelConfig(self.tensor_parallel_size,
                                            self.pipeline_parallel_size, backend,
                                            worker_extension_cls=ext,
+                                           pp_layer_partition=get_pp_partition(
+                                               model_config.num_hidden_layers,
+                                               self.pipeline_parallel_size,
+                                               self.pp_layer_partition),
                                            max_worker_restarts=restarts,
                                            execute_model_timeout_s=float(timeout)),
             load_config=LoadConfig(self.load_format),

@@ -73,8 +73,37 @@ def test_mp_layouts_match_uni(llama_dir: Path, reference: list, tp: int, pp: int
 def test_sizes_that_do_not_divide_name_the_ones_that_do(llama_dir: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"sizes that work: \[1, 2, 4\]"):
         LLM(str(llama_dir), tensor_parallel_size=3, distributed_executor_backend="mp")
-    with pytest.raises(ConfigurationError, match=r"num_hidden_layers=2.*\[1, 2\]"):
+    with pytest.raises(ConfigurationError, match=r"more stages than the model has layers.*"
+                                                 r"at most 2"):
         LLM(str(llama_dir), pipeline_parallel_size=3, distributed_executor_backend="mp")
+
+
+@pytest.mark.parametrize("layers,pp,partition,split", [
+    (3, 2, None, (2, 1)), (5, 3, None, (2, 2, 1)), (3, 2, "1,2", (1, 2))])
+def test_uneven_pipeline_stages_match_uni(ckpt, layers: int, pp: int, partition: str | None,
+                                          split: tuple[int, ...]) -> None:
+    model = ckpt("llama", num_hidden_layers=layers)
+    with LLM(str(model), kv_cache_memory_bytes=KV) as uni:
+        ref = uni.generate(_prompts(), GREEDY, use_tqdm=False)
+    with LLM(str(model), kv_cache_memory_bytes=KV, distributed_executor_backend="mp",
+             pipeline_parallel_size=pp, pp_layer_partition=partition) as llm:
+        held = llm.collective_rpc(lambda w: sorted(
+            int(i) for i in w.model_runner.model.layers))
+        out = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    # Each stage holds (and loaded) only its own layers.
+    starts = [sum(split[:i]) for i in range(pp)]
+    assert held == [list(range(s, s + n)) for s, n in zip(starts, split)]
+    assert_same_greedy(ref, out)
+
+
+@pytest.mark.parametrize("partition,why", [
+    ("1,1", "adding up to num_hidden_layers=3; it gives 2 stages and 2 layers"),
+    ("3,0", "at least one layer each"), ("2", "it gives 1 stages"), ("a,b", "comma-separated")])
+def test_bad_pp_layer_partition_says_why(ckpt, partition: str, why: str) -> None:
+    model = ckpt("llama", num_hidden_layers=3)
+    with pytest.raises(ConfigurationError, match=r"\[E005\] pp_layer_partition=.*" + why):
+        LLM(str(model), pipeline_parallel_size=2, distributed_executor_backend="mp",
+            pp_layer_partition=partition)
 
 
 @pytest.fixture(scope="module")

@@ -308,6 +308,20 @@ def test_killed_actor_is_replaced_and_nothing_is_lost(llama_dir: Path, ray_sessi
     assert not _wait_gone(new)
 
 
+def test_uneven_pipeline_stages_on_ray(ckpt, ray_session: None) -> None:
+    model = ckpt("llama", num_hidden_layers=5)
+    with LLM(str(model), kv_cache_memory_bytes=KV) as uni:
+        ref = uni.generate(_prompts(), GREEDY, use_tqdm=False)
+    llm = LLM(str(model), kv_cache_memory_bytes=KV, distributed_executor_backend="ray",
+              pipeline_parallel_size=3)
+    try:
+        held = llm.collective_rpc(lambda w: sorted(int(i) for i in w.model_runner.model.layers))
+        assert held == [[0, 1], [2, 3], [4]]
+        assert_same_greedy(ref, llm.generate(_prompts(), GREEDY, use_tqdm=False))
+    finally:
+        llm.shutdown()
+
+
 def test_uses_the_callers_placement_group(llama_dir: Path, ray_session: None) -> None:
     from ray.util.placement_group import placement_group, placement_group_table
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

@@ -22,6 +22,14 @@ class ParallelContext:
     pp_size: int = 1
     tp_group: Any = None  # torch.distributed.ProcessGroup when tp_size > 1
     cpu_group: Any = None  # gloo group of all ranks (CPU-side agreement, e.g. memory)
+    layer_partition: tuple[int, ...] = ()  # layers per pipeline stage; () for one stage
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """[start, end) of the layers this rank's pipeline stage holds."""
+        if not self.layer_partition:
+            return 0, num_layers
+        start = sum(self.layer_partition[:self.pp_rank])
+        return start, start + self.layer_partition[self.pp_rank]
 
     @property
     def rank(self) -> int:
@@ -60,7 +68,8 @@ def _all_gather(parts: list[torch.Tensor], x: torch.Tensor, group: Any) -> None:
 
 
 def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str,
-                     device: torch.device, timeout_s: float = 600.0) -> ParallelContext:
+                     device: torch.device, timeout_s: float = 600.0,
+                     layer_partition: tuple[int, ...] = ()) -> ParallelContext:
     """Joins the process group and builds this rank's TP group (ranks of one pipeline stage).
 
     Rank r is tensor rank r % tp and pipeline stage r // tp. Every rank creates every group
@@ -83,7 +92,7 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str,
             tp_group = group
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return ParallelContext(rank % tp_size, tp_size, rank // tp_size, pp_size, tp_group,
-                           cpu_group)
+                           cpu_group, layer_partition)
 
 
 def destroy_distributed() -> None:

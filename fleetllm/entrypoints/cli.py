@@ -56,6 +56,9 @@ def _engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> 
                    help="ranks that split each layer")
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1,
                    help="ranks that split the layers into stages")
+    p.add_argument("--pp-layer-partition", default=None,
+                   help="layers per pipeline stage, e.g. '2,1' (default: as even as "
+                        "possible, the remainder to the stages before the last)")
     p.add_argument("--distributed-executor-backend", default=None,
                    help="uni, mp, ray, external_launcher, or a 'package.module.Class' "
                         "(default: uni for one rank, mp for more)")
@@ -80,6 +83,7 @@ def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 enable_prefix_caching=a.enable_prefix_caching,
                 tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size,
+                pp_layer_partition=a.pp_layer_partition,
                 distributed_executor_backend=a.distributed_executor_backend,
                 max_worker_restarts=a.max_worker_restarts,
                 execute_model_timeout_s=a.execute_model_timeout_s,

@@ -28,11 +28,6 @@ from fleetllm.model.layers.rotary import RotaryEmbedding
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
-def layer_range(num_layers: int, pc: ParallelContext) -> tuple[int, int]:
-    per = num_layers // pc.pp_size
-    return pc.pp_rank * per, (pc.pp_rank + 1) * per
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, pc: ParallelContext,
                  rotary: RotaryEmbedding, layer: int) -> None:
@@ -106,7 +101,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.pc = pc
         self.dtype = dtype
-        self.start_layer, self.end_layer = layer_range(cfg.num_hidden_layers, pc)
+        self.start_layer, self.end_layer = pc.layer_range(cfg.num_hidden_layers)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta,
                                  cfg.rope_scaling, dtype)
         self.rotary = rotary

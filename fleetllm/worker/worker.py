@@ -74,7 +74,8 @@ class Worker(WorkerBase):
         if pcfg.world_size > 1:
             self.pc = init_distributed(self.rank, pcfg.tensor_parallel_size,
                                        pcfg.pipeline_parallel_size,
-                                       self.distributed_init_method, self.device)
+                                       self.distributed_init_method, self.device,
+                                       layer_partition=pcfg.pp_layer_partition)
         self.model_runner = ModelRunner(self.config, self.pc, self.device)
 
     def _init_cpu(self) -> None:
