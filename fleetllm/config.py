@@ -223,6 +223,8 @@ class ParallelConfig:
     worker_extension_cls: str | None = None
     # Layers of each pipeline stage (as even as possible unless the user chose); () for pp=1.
     pp_layer_partition: tuple[int, ...] = ()
+    # Ray: spread groups (pipeline stages, data-parallel engines) over nodes, or pack them.
+    ray_placement: str = "spread"
     # Recovery: restarts allowed per RESTART_WINDOW_S (0 disables recovery), and how long
     # one execute_model call may run before its workers are declared hung.
     max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS
@@ -330,8 +332,15 @@ class EngineArgs:
     async_scheduling: bool = False
     worker_extension_cls: str | None = None
     pp_layer_partition: str | None = None
+    ray_placement: str = "spread"
     max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS
     execute_model_timeout_s: float = DEFAULT_EXECUTE_MODEL_TIMEOUT_S
+
+    def _ray_placement(self) -> str:
+        if self.ray_placement not in ("spread", "pack"):
+            raise ConfigurationError(f"ray_placement={self.ray_placement!r}; choose spread "
+                                     "(groups on different nodes) or pack (as few as possible)")
+        return self.ray_placement
 
     def create_engine_config(self) -> EngineConfig:
         if self.model is None:
@@ -399,6 +408,7 @@ class EngineArgs:
             parallel_config=ParallelConfig(self.tensor_parallel_size,
                                            self.pipeline_parallel_size, backend,
                                            worker_extension_cls=ext,
+                                           ray_placement=self._ray_placement(),
                                            pp_layer_partition=get_pp_partition(
                                                model_config.num_hidden_layers,
                                                self.pipeline_parallel_size,

@@ -163,7 +163,8 @@ def test_pp2_matches_uni_and_shuts_down_cleanly(llama_dir: Path, ray_session: No
     llm = _ray_llm(llama_dir, pp=2)
     ex = llm.engine_core.executor
     pids = llm.collective_rpc(lambda w: os.getpid())
-    pg = ex._own_pg
+    pgs = ex._own_pgs
+    assert len(pgs) == 2  # one group per pipeline stage
     try:
         assert llm.collective_rpc(lambda w: (w.rank, w.pc.tp_rank, w.pc.pp_rank)) == [
             (0, 0, 0), (1, 0, 1)]
@@ -173,7 +174,7 @@ def test_pp2_matches_uni_and_shuts_down_cleanly(llama_dir: Path, ray_session: No
         llm.shutdown()
     ex.shutdown()  # idempotent
     assert not _wait_gone(pids), "a Ray worker outlived shutdown()"
-    assert ray.util.placement_group_table(pg)["state"] == "REMOVED"
+    assert all(ray.util.placement_group_table(pg)["state"] == "REMOVED" for pg in pgs)
     assert ray.is_initialized()  # the module's session is not the executor's to stop
     with pytest.raises(RuntimeError, match="shut down"):
         ex.collective_rpc("check_health")
@@ -339,7 +340,7 @@ def test_uses_the_callers_placement_group(llama_dir: Path, ray_session: None) ->
             ex = llm.engine_core.executor
             out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4),
                                use_tqdm=False)
-            return ex._own_pg is None, ex._pids, len(out[0].outputs[0].token_ids)
+            return not ex._own_pgs, ex._pids, len(out[0].outputs[0].token_ids)
         finally:
             llm.shutdown()
 

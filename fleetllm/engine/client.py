@@ -110,13 +110,17 @@ class SyncMPClient:
                 self.proc_manager = SupervisorLink(connection.supervisor)
                 self.num_gpu_blocks = connection.num_gpu_blocks
             i = connection.client_index
-            in_addr, out_addr = connection.addresses.inputs[i], connection.addresses.outputs[i]
+            addrs = connection.addresses
+            in_addr, out_addr = addrs.inputs[i], addrs.outputs[i]
             self._ipc_paths = [in_addr, out_addr]
-            self.input = self._bind(zmq.ROUTER, in_addr)
+            # Engines on other nodes reach the same sockets over TCP.
+            remote_in = addrs.remote_inputs[i] if addrs.remote_inputs else None
+            remote_out = addrs.remote_outputs[i] if addrs.remote_outputs else None
+            self.input = self._bind(zmq.ROUTER, in_addr, remote_in)
             self.input.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown engine is an error
             # A restarted engine reuses its index's identity, maybe before we saw it go.
             self.input.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            self.output = self._bind(zmq.PULL, out_addr)
+            self.output = self._bind(zmq.PULL, out_addr, remote_out)
             self.engines = [_EngineLink(e) for e in range(connection.num_engines)]
             self.load = [0] * connection.num_engines
             self._await_registrations()
@@ -126,10 +130,12 @@ class SyncMPClient:
         logger.info("%d engine core(s) ready, %d KV blocks in all", len(self.engines),
                     self.num_gpu_blocks)
 
-    def _bind(self, kind: int, addr: str) -> zmq.Socket:
+    def _bind(self, kind: int, addr: str, also: str | None = None) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(addr)
+        if also is not None:
+            sock.bind(also)
         return sock
 
     def _await_registrations(self) -> None:

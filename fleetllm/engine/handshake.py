@@ -70,11 +70,13 @@ def wait_for_engine_startup(handshake_socket: zmq.Socket, addresses: EngineZmqAd
                             proc_manager: StartingEngines | None,
                             timeout_s: float = STARTUP_TIMEOUT_S, *,
                             data_parallel_size: int | None = None, epoch: int = 0,
-                            poll_ms: int = STARTUP_POLL_PERIOD_MS) -> int:
+                            poll_ms: int = STARTUP_POLL_PERIOD_MS,
+                            remote: set[int] | frozenset[int] = frozenset()) -> int:
     """Runs the HELLO / metadata / READY handshake with every engine; returns the summed
     number of KV blocks. Fails at once, with exit codes, if an engine process dies.
 
-    A restart runs it for one engine of data_parallel_size, whose outputs carry epoch."""
+    A restart runs it for one engine of data_parallel_size, whose outputs carry epoch.
+    Engines in `remote` (on other nodes) are given the clients' TCP addresses."""
     dp = data_parallel_size or len(core_engines)
     poller = zmq.Poller()
     poller.register(handshake_socket, zmq.POLLIN)
@@ -99,7 +101,7 @@ def wait_for_engine_startup(handshake_socket: zmq.Socket, addresses: EngineZmqAd
             if msg.status == "FAILED":
                 errors[engine.index] = msg.error or "unknown error"
             elif msg.status == "HELLO" and engine.state == CoreEngineState.NEW:
-                meta = EngineHandshakeMetadata(addresses, {
+                meta = EngineHandshakeMetadata(addresses.for_engine(engine.index in remote), {
                     "data_parallel_size": dp, "data_parallel_rank": engine.index}, epoch)
                 handshake_socket.send_multipart([identity, msgspec.msgpack.encode(meta)])
                 engine.state = CoreEngineState.CONNECTED

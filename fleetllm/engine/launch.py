@@ -271,9 +271,16 @@ def launch_core_engines(config: EngineConfig, data_parallel_size: int = 1,
         owns_ray = ensure_ray(config, data_parallel_size)
         host = ray_node_address()
     local_only = host == "127.0.0.1"
+    # Engines on this node use ipc; with several nodes, the client sockets also listen on
+    # TCP for the engines elsewhere (and the handshake, which every engine reaches, is TCP).
     addresses = EngineZmqAddresses(
-        [get_engine_client_zmq_addr(local_only, host) for _ in range(num_clients)],
-        [get_engine_client_zmq_addr(local_only, host) for _ in range(num_clients)])
+        [get_engine_client_zmq_addr(True) for _ in range(num_clients)],
+        [get_engine_client_zmq_addr(True) for _ in range(num_clients)])
+    if not local_only:
+        addresses.remote_inputs = [get_engine_client_zmq_addr(False, host)
+                                   for _ in range(num_clients)]
+        addresses.remote_outputs = [get_engine_client_zmq_addr(False, host)
+                                    for _ in range(num_clients)]
     handshake_address = get_engine_client_zmq_addr(local_only, host)
     ctx = zmq.Context()
     handshake = ctx.socket(zmq.ROUTER)
@@ -291,7 +298,7 @@ def launch_core_engines(config: EngineConfig, data_parallel_size: int = 1,
                                             0, 0, config, handshake_address)
         engines = [CoreEngine(i) for i in range(data_parallel_size)]
         blocks = wait_for_engine_startup(handshake, addresses, engines, config, manager,
-                                         timeout_s)
+                                         timeout_s, remote=manager.remote_engines())
         manager.start_recovery(addresses, host)
     except BaseException:
         if manager is not None:

@@ -65,6 +65,18 @@ class EngineZmqAddresses(msgspec.Struct, array_like=True):
     outputs: list[str]
     coordinator_input: str | None = None
     coordinator_output: str | None = None
+    # TCP endpoints of the same client sockets, for engines on other nodes (a client binds
+    # both); empty when every engine runs on the front end's node.
+    remote_inputs: list[str] = msgspec.field(default_factory=list)
+    remote_outputs: list[str] = msgspec.field(default_factory=list)
+
+    def for_engine(self, remote: bool) -> EngineZmqAddresses:
+        """The addresses an engine connects to: TCP for one on another node (by node id,
+        not IP: nodes may share an IP), ipc for one on this node."""
+        if not remote or not self.remote_inputs:
+            return self
+        return EngineZmqAddresses(self.remote_inputs, self.remote_outputs,
+                                  self.coordinator_input, self.coordinator_output)
 
 
 class EngineHandshakeMetadata(msgspec.Struct, array_like=True):

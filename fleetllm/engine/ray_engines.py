@@ -18,15 +18,15 @@ import uuid
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.exceptions import RayActorError
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleetllm.config import EngineConfig
 from fleetllm.engine.core_proc import EngineCoreProc
 from fleetllm.engine.restart import EngineState, RestartingManager
-from fleetllm.errors import ConfigurationError
 from fleetllm.executor.ray import CPUS_PER_WORKER, PLACEMENT_TIMEOUT_S
+from fleetllm.executor.ray_placement import create_groups, group_node
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class CoreEngineActorManager(RestartingManager):
         self._closed = False
         self._watcher: threading.Thread | None = None
         self._tag = uuid.uuid4().hex[:8]
+        self._here = ""  # the node id of this (the front end's) process
         self._actor_cls = ray.remote(EngineCoreActor)
         try:
             self._start(config, data_parallel_size, handshake_address)
@@ -100,17 +101,12 @@ class CoreEngineActorManager(RestartingManager):
         world = config.parallel_config.world_size
         bundle = {"GPU": 1.0} if config.device_config.device == "cuda" else {
             "CPU": CPUS_PER_WORKER}
-        for rank in range(dp):
-            self.placement_groups.append(placement_group(
-                [dict(bundle) for _ in range(world)], strategy="STRICT_PACK",
-                name=f"fleetllm_dp{rank}_{self._tag}"))
-        try:
-            ray.get([pg.ready() for pg in self.placement_groups], timeout=PLACEMENT_TIMEOUT_S)
-        except GetTimeoutError:
-            raise ConfigurationError(
-                f"Ray could not place {dp} data-parallel engines, each needing {world} "
-                f"bundle(s) of {bundle} on one node, within {PLACEMENT_TIMEOUT_S:.0f} s; the "
-                f"cluster has {ray.available_resources()} available") from None
+        # One STRICT_PACK group per engine (it and its workers on one node); "spread"
+        # gives each engine another node while there are nodes with room.
+        self.placement_groups = create_groups(
+            dp, [bundle] * world, config.parallel_config.ray_placement,
+            f"fleetllm_dp_{self._tag}_", PLACEMENT_TIMEOUT_S, "data-parallel engines")
+        self._here = ray.get_runtime_context().get_node_id()
         for rank in range(dp):
             actor = self._new_actor(rank, handshake_address)
             self.actors.append(actor)
@@ -135,6 +131,14 @@ class CoreEngineActorManager(RestartingManager):
             scheduling_strategy=strategy,
         ).remote(config, handshake_address, rank, self._data_parallel_size,
                  os.environ.get("OMP_NUM_THREADS"))
+
+    def engine_nodes(self) -> list[str | None]:
+        """The node id of each engine (of its placement group: after a node was lost,
+        Ray may have moved the group)."""
+        return [group_node(pg) for pg in self.placement_groups]
+
+    def remote_engines(self) -> set[int]:
+        return {i for i, node in enumerate(self.engine_nodes()) if node != self._here}
 
     def _spawn(self, index: int, handshake_address: str) -> None:
         """A new actor in the dead one's placement group (its bundle is free again)."""

@@ -135,6 +135,10 @@ class RestartingManager:
                 if self._states[index] is EngineState.STARTING:
                     self._states[index] = EngineState.RUNNING
 
+    def remote_engines(self) -> set[int]:
+        """Indexes of the engines on another node than this process (none for processes)."""
+        return set()
+
     def engine_name(self, index: int) -> str:
         return self.engine_name_format.format(index)
 
@@ -186,7 +190,7 @@ class RestartingManager:
             blocks = wait_for_engine_startup(
                 handshake, self._addresses, [CoreEngine(index)], self._config,
                 _RestartingEngine(self, index), data_parallel_size=self._data_parallel_size,
-                epoch=epoch, poll_ms=RESTART_POLL_PERIOD_MS)
+                epoch=epoch, poll_ms=RESTART_POLL_PERIOD_MS, remote=self.remote_engines())
             with self._lock:
                 if self._closing:
                     return

@@ -59,6 +59,10 @@ def _engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> 
     p.add_argument("--pp-layer-partition", default=None,
                    help="layers per pipeline stage, e.g. '2,1' (default: as even as "
                         "possible, the remainder to the stages before the last)")
+    p.add_argument("--ray-placement", choices=["spread", "pack"], default="spread",
+                   help="on a Ray cluster: spread pipeline stages and data-parallel engines "
+                        "over the nodes, or pack them onto as few as possible (a "
+                        "tensor-parallel group always stays on one node)")
     p.add_argument("--distributed-executor-backend", default=None,
                    help="uni, mp, ray, external_launcher, or a 'package.module.Class' "
                         "(default: uni for one rank, mp for more)")
@@ -84,6 +88,7 @@ def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 tensor_parallel_size=a.tensor_parallel_size,
                 pipeline_parallel_size=a.pipeline_parallel_size,
                 pp_layer_partition=a.pp_layer_partition,
+                ray_placement=a.ray_placement,
                 distributed_executor_backend=a.distributed_executor_backend,
                 max_worker_restarts=a.max_worker_restarts,
                 execute_model_timeout_s=a.execute_model_timeout_s,

@@ -21,6 +21,7 @@ import math
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from fleetllm.executor import rpc
 from fleetllm.executor.abstract import Executor
 from fleetllm.executor.calls import CallTable, Reply
 from fleetllm.executor.multiproc import WORKER_CLS, get_open_port
+from fleetllm.executor.ray_placement import create_groups
 from fleetllm.worker.worker_base import WorkerWrapperBase, resolve_obj_by_qualname
 
 try:
@@ -42,7 +44,6 @@ try:
     from ray.util.placement_group import (
         PlacementGroup,
         get_current_placement_group,
-        placement_group,
         remove_placement_group,
     )
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -170,17 +171,18 @@ class _RayWorkerGroup:
         pass  # sleep() is bounded by the call table's MAX_SLEEP_S
 
     # ---- start and stop ---------------------------------------------------------------
-    def start(self, config: EngineConfig, pg: PlacementGroup, table: CallTable,
-              on_cuda: bool) -> None:
+    def start(self, config: EngineConfig, slots: list[tuple[PlacementGroup, int]],
+              table: CallTable, on_cuda: bool) -> None:
+        """slots: each rank's (placement group, bundle index)."""
         omp = os.environ.get("OMP_NUM_THREADS", "")
         omp_threads = int(omp) if omp.isdigit() and int(omp) > 0 else None
-        for rank in range(self.world_size):
-            bundle = pg.bundle_specs[rank]
+        for rank, (pg, index) in enumerate(slots):
+            bundle = pg.bundle_specs[index]
             if on_cuda and bundle.get("GPU", 0) < 1:
                 raise ConfigurationError(
-                    f"bundle {rank} of the current placement group has no GPU: {bundle}")
+                    f"bundle {index} of the current placement group has no GPU: {bundle}")
             strategy = PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=rank,
+                placement_group=pg, placement_group_bundle_index=index,
                 placement_group_capture_child_tasks=True)
             actor = RayWorkerWrapper.options(
                 num_cpus=0 if on_cuda else min(CPUS_PER_WORKER, bundle.get("CPU", 0)),
@@ -279,14 +281,14 @@ class RayDistributedExecutor(Executor):
         self.worker_cls = resolve_obj_by_qualname(WORKER_CLS)
         # What the finalizer releases; it holds this dict, never the executor, so dropping
         # the executor frees its actors and placement group.
-        self._owned: dict[str, Any] = {"groups": [], "pg": None, "started_ray": False}
+        self._owned: dict[str, Any] = {"groups": [], "pgs": [], "started_ray": False}
         self._finalizer = weakref.finalize(self, _release, self._owned, None)
         self.table = CallTable(_RayWorkerGroup(self.world_size), self.worker_cls)
         try:
             self._start_ray()
             # After ray.init, so at exit this runs before Ray's own atexit shutdown.
             atexit.register(self._finalizer)
-            self._pg = self._placement_group()
+            self._slots = self._placement_groups()
             self._start(self.table.transport)
         except BaseException:
             self.shutdown()
@@ -301,13 +303,14 @@ class RayDistributedExecutor(Executor):
         return self.table.transport.pids
 
     @property
-    def _own_pg(self) -> PlacementGroup | None:
-        """The placement group this executor created (None: the caller's is used)."""
-        return self._owned["pg"]
+    def _own_pgs(self) -> list[PlacementGroup]:
+        """The placement groups this executor created, one per pipeline stage (none: the
+        caller's group is used)."""
+        return self._owned["pgs"]
 
     def _start(self, group: _RayWorkerGroup) -> None:
         self._owned["groups"].append(group)
-        group.start(self.config, self._pg, self.table, self._on_cuda)
+        group.start(self.config, self._slots, self.table, self._on_cuda)
         self.collective_rpc("init_device", timeout=STARTUP_TIMEOUT_S)
         self.collective_rpc("load_model", timeout=STARTUP_TIMEOUT_S)
 
@@ -337,25 +340,26 @@ class RayDistributedExecutor(Executor):
         self._owned["started_ray"] = True
         logger.info("started Ray in %.2f s", time.perf_counter() - start)
 
-    def _placement_group(self) -> PlacementGroup:
+    def _placement_groups(self) -> list[tuple[PlacementGroup, int]]:
+        """Each rank's (placement group, bundle). The caller's group (a driver running in
+        one, as an engine actor or under Ray Serve) is used as it is; otherwise each
+        pipeline stage's tensor-parallel ranks get one STRICT_PACK group, so a tp group
+        never spans nodes while stages may (spread over nodes by ray_placement)."""
         pg = get_current_placement_group()
         if pg is not None:
             if len(pg.bundle_specs) < self.world_size:
                 raise ConfigurationError(
                     f"the current Ray placement group has {len(pg.bundle_specs)} bundles, "
                     f"fewer than the {self.world_size} ranks (one bundle each) need")
-            return pg
+            return [(pg, rank) for rank in range(self.world_size)]
         bundle = {"GPU": 1.0} if self._on_cuda else {"CPU": CPUS_PER_WORKER}
-        pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
-        self._owned["pg"] = pg
-        try:
-            ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except GetTimeoutError:
-            raise ConfigurationError(
-                f"Ray could not reserve {self.world_size} bundles of {bundle} within "
-                f"{PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.available_resources()} "
-                "available") from None
-        return pg
+        pc = self.parallel_config
+        tp = pc.tensor_parallel_size
+        groups = create_groups(pc.pipeline_parallel_size, [bundle] * tp, pc.ray_placement,
+                               f"fleetllm_stage_{uuid.uuid4().hex[:8]}_", PLACEMENT_TIMEOUT_S,
+                               "pipeline stages (tensor-parallel groups)")
+        self._owned["pgs"] = groups
+        return [(groups[rank // tp], rank % tp) for rank in range(self.world_size)]
 
     @property
     def _on_cuda(self) -> bool:
@@ -420,8 +424,8 @@ def _release(owned: dict[str, Any], _: Any) -> None:
     start a new session."""
     steps: list[Callable[[], Any]] = [
         lambda g=g: g.close(graceful=False) for g in owned["groups"]]
-    if owned["pg"] is not None:
-        steps.append(lambda: ray.is_initialized() and remove_placement_group(owned["pg"]))
+    for pg in owned["pgs"]:
+        steps.append(lambda pg=pg: ray.is_initialized() and remove_placement_group(pg))
     if owned["started_ray"]:
         steps.append(ray.shutdown)
     for step in steps:
