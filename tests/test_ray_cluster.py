@@ -72,7 +72,20 @@ def test_data_parallel_engines_spread_one_per_node(llama_dir: Path, cluster: Clu
         llm.shutdown()
 
 
+def _wait_all_free(timeout: float = 30) -> None:
+    """Until the groups of an earlier test are released (Ray frees them asynchronously)."""
+    import time
+
+    from ray._private.state import available_resources_per_node
+
+    deadline = time.monotonic() + timeout
+    while sum(r.get("CPU", 0) for r in available_resources_per_node().values()) < NODES:
+        assert time.monotonic() < deadline, available_resources_per_node()
+        time.sleep(0.1)
+
+
 def test_pack_fills_this_node_first(llama_dir: Path, cluster: Cluster) -> None:
+    _wait_all_free()
     llm = LLM(str(llama_dir), kv_cache_memory_bytes=KV, data_parallel_size=NODES,
               data_parallel_backend="ray", ray_placement="pack")
     try:

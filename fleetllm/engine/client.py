@@ -24,6 +24,7 @@ import msgspec
 import zmq
 
 from fleetllm.config import EngineConfig
+from fleetllm.engine.coordinator import LoadView
 from fleetllm.engine.handshake import unlink_ipc
 from fleetllm.engine.launch import (
     EngineConnection,
@@ -88,6 +89,7 @@ class SyncMPClient:
         self._ipc_paths: list[str] = []
         self.engines: list[_EngineLink] = []
         self.load: list[int] = []  # requests sent to each engine and not finished
+        self.loads: LoadView | None = None
         self.requests: dict[str, _Unfinished] = {}
         self.dead_reason: str | None = None  # set once the engine is dead for good
         self.num_engine_restarts = 0
@@ -123,6 +125,9 @@ class SyncMPClient:
             self.output = self._bind(zmq.PULL, out_addr, remote_out)
             self.engines = [_EngineLink(e) for e in range(connection.num_engines)]
             self.load = [0] * connection.num_engines
+            # Every engine's load as the coordinator publishes it (dp > 1), so that with
+            # several API servers each sees the others' requests too.
+            self.loads = LoadView(self.ctx, addrs.coordinator_output, connection.num_engines)
             self._await_registrations()
         except BaseException:
             self.shutdown()
@@ -168,9 +173,10 @@ class SyncMPClient:
             if not live:
                 u.engine = None
                 continue
-            index = min(live, key=self.load.__getitem__)
+            index = self.loads.choose(live, self.load)
             u.engine = index
             self.load[index] += 1
+            self.loads.sent(index)
             payload = msgspec.structs.replace(u.request, output_token_ids=u.output_token_ids)
             self._send(index, EngineCoreRequestType.ADD, self.encoder.encode(payload))
             if u.recovering:
@@ -430,6 +436,8 @@ class SyncMPClient:
                         pass  # already gone
                 self.proc_manager.wait_for_exit(SHUTDOWN_WAIT_S)
             self.proc_manager.close()
+        if self.loads is not None:
+            self.loads.close()
         self.ctx.destroy(linger=0)
         unlink_ipc(*self._ipc_paths)
 

@@ -18,6 +18,7 @@ import torch
 import zmq
 
 from fleetllm.config import EngineConfig
+from fleetllm.engine.coordinator import LoadReporter
 from fleetllm.engine.core import EngineCore
 from fleetllm.engine.messages import (
     EngineCoreOutputs,
@@ -82,6 +83,8 @@ class EngineCoreProc:
                 sock.setsockopt(zmq.LINGER, 1000)
                 sock.connect(address)
                 self.outputs.append(sock)
+            self.load_reporter = LoadReporter(ctx, meta.addresses.coordinator_input,
+                                              engine_index)
             blocks = self.core.config.cache_config.num_gpu_blocks or 0
             handshake.send(msgspec.msgpack.encode(HandshakeStatus("READY", True, blocks)))
         finally:
@@ -141,6 +144,11 @@ class EngineCoreProc:
                         self._send(client, dead)
                     raise
                 self._send_outputs(outputs)
+            self._report_load()  # after the step: one that finished everything reports 0
+
+    def _report_load(self) -> None:
+        sched = self.core.scheduler
+        self.load_reporter.report(len(sched.waiting), len(sched.running))
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         if len(self.outputs) == 1:  # one client: no routing
@@ -202,6 +210,7 @@ class EngineCoreProc:
                 sock.close(linger=0)
             for sock in self.outputs:
                 sock.close(linger=1000)
+            self.load_reporter.close()
 
 
 def set_process_name(name: str) -> None:

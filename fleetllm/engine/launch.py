@@ -27,6 +27,7 @@ import psutil
 import zmq
 
 from fleetllm.config import EngineConfig
+from fleetllm.engine.coordinator import CoordinatorManager, coordinator_addresses
 from fleetllm.engine.core_proc import EngineCoreProc
 from fleetllm.engine.handshake import (
     STARTUP_TIMEOUT_S,
@@ -225,6 +226,7 @@ class CoreEngineProcManager(RestartingManager):
         if self._watcher is not None:
             self._watcher.join()
         self._finalizer()
+        self._close_coordinator()
 
     def wait_for_exit(self, timeout: float) -> None:
         """Engines still starting would not stop by themselves: close() ends them."""
@@ -282,6 +284,12 @@ def launch_core_engines(config: EngineConfig, data_parallel_size: int = 1,
         addresses.remote_outputs = [get_engine_client_zmq_addr(False, host)
                                     for _ in range(num_clients)]
     handshake_address = get_engine_client_zmq_addr(local_only, host)
+    coordinator = None
+    if data_parallel_size > 1:
+        addresses.coordinator_input, addresses.coordinator_output = coordinator_addresses(
+            local_only, host)
+        coordinator = CoordinatorManager(addresses.coordinator_input,
+                                         addresses.coordinator_output, data_parallel_size)
     ctx = zmq.Context()
     handshake = ctx.socket(zmq.ROUTER)
     handshake.setsockopt(zmq.LINGER, 0)
@@ -296,6 +304,7 @@ def launch_core_engines(config: EngineConfig, data_parallel_size: int = 1,
         else:
             manager = CoreEngineProcManager(EngineCoreProc.run_engine_core, data_parallel_size,
                                             0, 0, config, handshake_address)
+        manager.coordinator = coordinator
         engines = [CoreEngine(i) for i in range(data_parallel_size)]
         blocks = wait_for_engine_startup(handshake, addresses, engines, config, manager,
                                          timeout_s, remote=manager.remote_engines())
@@ -303,7 +312,9 @@ def launch_core_engines(config: EngineConfig, data_parallel_size: int = 1,
     except BaseException:
         if manager is not None:
             manager.close()
-        elif owns_ray:
+        elif coordinator is not None:
+            coordinator.close()
+        if manager is None and owns_ray:
             import ray
 
             ray.shutdown()

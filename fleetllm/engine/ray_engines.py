@@ -195,6 +195,7 @@ class CoreEngineActorManager(RestartingManager):
             return
         self._closed = True
         self.begin_shutdown()
+        self._close_coordinator()
         self._stop.set()
         if ray.is_initialized():
             for actor in self.actors:

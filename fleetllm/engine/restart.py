@@ -14,6 +14,7 @@ import zmq
 
 import fleetllm.config
 from fleetllm.config import EngineConfig
+from fleetllm.engine.coordinator import CoordinatorManager
 from fleetllm.engine.handshake import (
     CoreEngine,
     get_engine_client_zmq_addr,
@@ -116,6 +117,8 @@ class RestartingManager:
         self._addresses: EngineZmqAddresses | None = None
         self._host = "127.0.0.1"
         self._budget = RestartBudget(config.parallel_config.max_worker_restarts)
+        # The data-parallel coordinator, when there is one; closed with the engines.
+        self.coordinator: CoordinatorManager | None = None
         self._restart_threads: list[threading.Thread] = []
         self._closing = False
 
@@ -210,6 +213,10 @@ class RestartingManager:
         finally:
             ctx.destroy(linger=0)
             unlink_ipc(address)
+
+    def _close_coordinator(self) -> None:
+        if self.coordinator is not None:
+            self.coordinator.close()
 
     def begin_shutdown(self) -> None:
         """No new restarts (the engines are told to stop next); the ones under way give
