@@ -3,6 +3,8 @@
 from fleetllm.engine.output import CompletionOutput, Logprob, RequestOutput
 from fleetllm.entrypoints.llm import LLM
 from fleetllm.sampling_params import SamplingParams
+from fleetllm.structured.params import StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput",
+           "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"

@@ -7,7 +7,10 @@ from typing import Any
 
 import msgspec
 
+from fleetllm.structured.params import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 
 
 def _number(name: str, value: Any) -> float:
@@ -19,6 +22,22 @@ def _number(name: str, value: Any) -> float:
 def _integer(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _logit_bias(bias: Any) -> dict[int, float] | None:
+    """Token ids as ints (OpenAI's JSON sends them as strings), values as floats in range."""
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {bias!r}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        tok = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        v = _number(f"logit_bias[{tok}]", value)
+        if not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias[{tok}] must be in [-100, 100], got {value!r}")
+        out[tok] = v
+    return out or None
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -42,6 +61,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # token id -> value added to its logit before penalties, temperature and sampling (greedy
+    # too); ids are checked against the vocabulary when the request is added.
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _integer("n", self.n, 1)
@@ -83,6 +106,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             value = getattr(self, name)
             if value is not None:
                 _integer(name, value, 0)
+        if self.logit_bias is not None:
+            self.logit_bias = _logit_bias(self.logit_bias)
+        if self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -426,3 +426,60 @@ def test_large_repetition_penalty_reduces_repeats(llm):
 
     assert repeats(plain) > 0
     assert repeats(penalised) < repeats(plain)
+
+
+# ---- logit_bias ------------------------------------------------------------------------------
+
+def test_logit_bias_plus_100_forces_the_token(llm):
+    tok = 123
+    for params in (sample(max_tokens=12, logit_bias={tok: 100}),
+                   greedy(12, logit_bias={tok: 100.0})):
+        assert all(ids == [tok] * 12 for ids in generate_ids(llm, PROMPTS, params))
+
+
+def test_logit_bias_minus_100_bans_the_greedy_token(llm, greedy_ids):
+    for prompt, ids in zip(PROMPTS, greedy_ids):
+        banned = max(set(ids), key=ids.count)
+        got = generate_ids(llm, [prompt], greedy(24, logit_bias={banned: -100}))[0]
+        assert banned not in got
+        assert got[:ids.index(banned)] == ids[:ids.index(banned)]  # the same until then
+
+
+def test_logit_bias_only_for_its_request(llm, greedy_ids):
+    """Biases are placed on their own batch rows: the neighbours are unchanged."""
+    params = [greedy(24), greedy(24, logit_bias={7: 100, 8: 50}), greedy(24), greedy(24)]
+    got = generate_ids(llm, PROMPTS, params)
+    assert got[0] == greedy_ids[0] and got[2:] == greedy_ids[2:]
+    assert got[1] == [7] * 24
+
+
+def test_logprobs_are_raw_under_logit_bias(llm, llama_dir):
+    """As for penalties, logprobs are the model's log-softmax before the bias."""
+    p = PROMPTS[0]
+    out = llm.generate(token_prompts([p]), greedy(1, logit_bias={123: 100}, logprobs=0),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [123]
+    want = hf_logprobs(llama_dir, p)[-1, 123].item()
+    assert out.logprobs[0][123].logprob == pytest.approx(want, abs=1e-4)
+    assert want < -1.0  # a biased logprob would be ~0
+
+
+@pytest.mark.parametrize("bias, match", [
+    ({1: 100.5}, r"logit_bias\[1\] must be in \[-100, 100\]"),
+    ({1: -101}, r"logit_bias\[1\] must be in \[-100, 100\]"),
+    ({-1: 1.0}, "logit_bias keys must be token ids"),
+    ({1: "high"}, r"logit_bias\[1\] must be a number"),
+    ([1, 2], "logit_bias must be a dict"),
+])
+def test_logit_bias_invalid_values(bias, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(logit_bias=bias)
+
+
+def test_logit_bias_out_of_vocab_rejected_before_queueing(llm):
+    with pytest.raises(ValueError, match=r"logit_bias has token ids outside the vocabulary"):
+        llm.generate(token_prompts(PROMPTS[:2]),
+                     [greedy(4), greedy(4, logit_bias={300: 1.0})], use_tqdm=False)
+    assert not llm.engine_core.has_unfinished_requests()
+    # OpenAI's JSON sends token ids as strings.
+    assert SamplingParams(logit_bias={"5": 1}).logit_bias == {5: 1.0}

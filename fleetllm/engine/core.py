@@ -36,6 +36,7 @@ from fleetllm.executor.abstract import Executor
 from fleetllm.sched.output import EngineCoreOutput, KVCacheConfig
 from fleetllm.sched.request import Request, RequestStatus
 from fleetllm.sched.scheduler import Scheduler
+from fleetllm.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,10 @@ class EngineCore:
             raise
         self.config = config.replace(
             cache_config=dataclasses.replace(config.cache_config, num_gpu_blocks=num_blocks))
+        # Grammars load lazily: building the manager costs nothing until a structured request.
         self.scheduler = Scheduler(config.scheduler_config, num_blocks,
-                                   config.cache_config.block_size)
+                                   config.cache_config.block_size,
+                                   StructuredOutputManager(self.config))
         batches = self.executor.max_concurrent_batches
         self.batch_queue: deque[tuple[Future[Any], Any]] | None = (
             deque(maxlen=batches) if batches > 1 else None)

@@ -174,7 +174,7 @@ class EngineCoreProc:
                 self.core.add_request(Request(r.request_id, r.prompt_token_ids,
                                               r.sampling_params, tuple(r.eos_token_ids),
                                               r.cache_salt, r.output_token_ids))
-            except RuntimeError as e:  # sleeping or dead: this request fails, not the engine
+            except (RuntimeError, ValueError) as e:  # this request fails, not the engine
                 self._send_outputs([EngineCoreOutput(r.request_id, [], finish_reason="error",
                                                      error=str(e))])
         elif kind == EngineCoreRequestType.ABORT:

@@ -37,8 +37,23 @@ def check_prompt(config: EngineConfig, ids: list[int], what: str = "the prompt")
 
 
 def check_params(config: EngineConfig, params: SamplingParams) -> None:
+    """What SamplingParams cannot check alone: limits of this engine and its vocabulary.
+    Structured-output specs are built into grammars here (no tokenizer needed), so a bad
+    schema, regex or grammar raises before anything is queued."""
     if not isinstance(params, SamplingParams):
         raise TypeError(f"sampling_params must be SamplingParams, got {type(params)}")
+    vocab = config.model_config.vocab_size
+    if params.logit_bias:
+        bad = sorted(t for t in params.logit_bias if t >= vocab)
+        if bad:
+            raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): "
+                             f"{bad[:5]}")
+    if params.structured_outputs is not None:
+        from fleetllm.structured.grammar import to_grammar
+        from fleetllm.structured.manager import check_engine_supports
+
+        check_engine_supports(config)
+        to_grammar(params.structured_outputs)
     max_lp = config.model_config.max_logprobs
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(params, name)

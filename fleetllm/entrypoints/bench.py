@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,11 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--output-json", default=None, help="also write the figures to this file")
+    p.add_argument("--structured-output", choices=["json"], default=None,
+                   help="json: every request's output follows a small JSON schema (an array "
+                        "of at least output-len small objects, so the grammar cannot end "
+                        "early); needs a tokenizer, and a model without one gets fleetllm's "
+                        "built-in tokenizer")
 
 
 def random_prompts(vocab: int, num: int, length: int, seed: int) -> list[list[int]]:
@@ -24,13 +31,43 @@ def random_prompts(vocab: int, num: int, length: int, seed: int) -> list[list[in
     return rng.integers(0, vocab, size=(num, length)).tolist()
 
 
-def _report(args: argparse.Namespace, elapsed: float, startup: float) -> dict[str, Any]:
+def bench_schema(min_items: int) -> dict[str, Any]:
+    item = {"type": "object", "additionalProperties": False,
+            "required": ["id", "ok", "tag", "name"],
+            "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                           "ok": {"type": "boolean"},
+                           "tag": {"enum": ["red", "green", "blue"]},
+                           "name": {"type": "string", "maxLength": 8}}}
+    return {"type": "array", "items": item, "minItems": min_items}
+
+
+def _with_tokenizer(model: str | None, tmp: str) -> str:
+    """model, or (when it has no tokenizer.json) a folder of links to its files plus
+    fleetllm's built-in tokenizer, whose vocabulary the masks pad to the model's."""
+    from fleetllm.default_model import DEFAULT_MODEL_DIR
+
+    if model is None or (Path(model) / "tokenizer.json").is_file():
+        return model
+    out = Path(tmp) / "model"
+    out.mkdir()
+    for f in Path(model).iterdir():
+        (out / f.name).symlink_to(f.resolve())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEFAULT_MODEL_DIR / name, out / name)
+    print(f"{model} has no tokenizer.json: using fleetllm's built-in tokenizer for the masks")
+    return str(out)
+
+
+def _report(args: argparse.Namespace, elapsed: float, startup: float,
+            num_output_tokens: int | None = None) -> dict[str, Any]:
     n, i, o = args.num_prompts, args.input_len, args.output_len
+    out_toks = n * o if num_output_tokens is None else num_output_tokens
     result = {
         "backend": args.backend, "num_prompts": n, "input_len": i, "output_len": o,
+        "structured_output": getattr(args, "structured_output", None),
         "elapsed_s": round(elapsed, 3), "startup_s": round(startup, 3),
-        "requests_per_s": n / elapsed, "total_tokens_per_s": n * (i + o) / elapsed,
-        "output_tokens_per_s": n * o / elapsed,
+        "requests_per_s": n / elapsed, "total_tokens_per_s": (n * i + out_toks) / elapsed,
+        "output_tokens": out_toks, "output_tokens_per_s": out_toks / elapsed,
     }
     print(f"Startup: {startup:.2f} s")
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, "
@@ -42,24 +79,55 @@ def _report(args: argparse.Namespace, elapsed: float, startup: float) -> dict[st
 
 
 def run_fleetllm(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
-    from fleetllm import LLM, SamplingParams
+    from fleetllm import LLM, SamplingParams, StructuredOutputsParams
 
-    start = time.perf_counter()
-    llm = LLM(**{**engine_kwargs, "skip_tokenizer_init": True})
-    startup = time.perf_counter() - start
-    try:
-        vocab = llm.config.model_config.vocab_size
-        prompts = random_prompts(vocab, args.num_prompts, args.input_len, args.seed)
-        # The same sampling settings as vLLM's throughput benchmark.
-        params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True,
-                                max_tokens=args.output_len)
+    structured = getattr(args, "structured_output", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        kwargs = {**engine_kwargs, "skip_tokenizer_init": structured is None}
+        if structured:
+            kwargs["model"] = _with_tokenizer(kwargs.get("model"), tmp)
         start = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
-        elapsed = time.perf_counter() - start
-        assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
-    finally:
-        llm.shutdown()
-    return _report(args, elapsed, startup)
+        llm = LLM(**kwargs)
+        startup = time.perf_counter() - start
+        try:
+            vocab = llm.config.model_config.vocab_size
+            prompts = random_prompts(vocab, args.num_prompts, args.input_len, args.seed)
+            # The same sampling settings as vLLM's throughput benchmark.
+            params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True,
+                                    max_tokens=args.output_len)
+            if structured:
+                params = params.clone(structured_outputs=StructuredOutputsParams(
+                    json=bench_schema(args.output_len)))
+                # Importing xgrammar and compiling the schema happen once per engine and
+                # schema, not per token: done (and reported) before the timed run.
+                start = time.perf_counter()
+                llm.generate([{"prompt_token_ids": prompts[0]}], params.clone(max_tokens=1),
+                             use_tqdm=False)
+                print(f"Grammar set-up (import, compile, one token): "
+                      f"{time.perf_counter() - start:.2f} s")
+            start, cpu_start = time.perf_counter(), time.process_time()
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                use_tqdm=True)
+            elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu_start
+        finally:
+            llm.shutdown()
+    lengths = [len(o.outputs[0].token_ids) for o in outs]
+    if structured:
+        print(f"Structured output: {sum(n < args.output_len for n in lengths)} of "
+              f"{len(lengths)} requests ended with their grammar before output-len")
+    else:
+        assert all(n == args.output_len for n in lengths)
+    result = _report(args, elapsed, startup, sum(lengths))
+    # This process's CPU time: steadier than wall time on a shared machine, and complete
+    # when the workers run in this process (the uni executor).
+    result["cpu_s"] = round(cpu, 3)
+    result["output_tokens_per_cpu_s"] = sum(lengths) / cpu
+    print(f"CPU time of this process: {cpu:.2f} s "
+          f"({result['output_tokens_per_cpu_s']:.2f} output tokens per CPU second)")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def run_hf(args: argparse.Namespace) -> dict[str, Any]:

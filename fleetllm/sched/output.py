@@ -34,6 +34,11 @@ class SchedulerOutput(msgspec.Struct, array_like=True):
     num_scheduled_tokens: dict[str, int]
     total_num_scheduled_tokens: int
     finished_req_ids: list[str]
+    # Structured outputs: the requests that sample this step under a grammar, and their
+    # allowed-token bitmask, one row each in that order: ceil(vocab_size / 32) little-endian
+    # int32 words, bit t % 32 of word t // 32 set when token t is allowed.
+    structured_output_request_ids: list[str] = msgspec.field(default_factory=list)
+    grammar_bitmask: bytes = b""
 
     @staticmethod
     def empty(finished_req_ids: list[str] | None = None) -> SchedulerOutput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from fleetllm.config import SchedulerConfig
 from fleetllm.sched.kv_cache_manager import KVCacheBlock, KVCacheManager
@@ -17,12 +18,18 @@ from fleetllm.sched.output import (
 )
 from fleetllm.sched.request import Request, RequestStatus
 
+if TYPE_CHECKING:
+    from fleetllm.structured.manager import StructuredOutputManager
+
 logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int) -> None:
+    def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int,
+                 structured_outputs: StructuredOutputManager | None = None) -> None:
         self.config = config
+        # Grammars of structured-output requests; None: the engine has no tokenizer for them.
+        self.structured = structured_outputs
         self.kv = KVCacheManager(num_blocks, block_size)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -36,6 +43,8 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
 
     def add_request(self, req: Request) -> None:
+        if req.sampling_params.structured_outputs is not None:
+            self._add_grammar(req)
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -52,6 +61,8 @@ class Scheduler:
             self._free(req)
 
     def _free(self, req: Request) -> None:
+        if self.structured is not None:
+            self.structured.remove_request(req.request_id)
         self.kv.free(req)
         self.finished_req_ids.append(req.request_id)
 
@@ -141,6 +152,7 @@ class Scheduler:
         finished, self.finished_req_ids = self.finished_req_ids, []
         out = SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()),
                               finished)
+        self._attach_grammar_bitmask(out)
         if out.total_num_scheduled_tokens:  # an empty step is never sent to the workers
             self.in_flight.append((out, self.kv.take_new_hashes()))
         return out
@@ -190,6 +202,9 @@ class Scheduler:
                 if req.check_stop(tok, max_len):
                     stopped.append(req)
                     break
+            if not req.is_finished and self._grammar_ended(req):
+                req.status = RequestStatus.FINISHED_STOPPED
+                stopped.append(req)
             new_lp = None
             if logprobs is not None and req.sampling_params.logprobs is not None and new_ids:
                 new_lp = [(logprobs.logprob_token_ids[i], logprobs.logprobs[i],
@@ -208,6 +223,29 @@ class Scheduler:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
+
+    # ---- structured outputs (the grammar work is the manager's) ------------------------
+    def _add_grammar(self, req: Request) -> None:
+        if self.structured is None:
+            raise ValueError("structured outputs are not available in this engine: its "
+                             "Scheduler was built without a StructuredOutputManager")
+        self.structured.add_request(req)
+
+    def _attach_grammar_bitmask(self, out: SchedulerOutput) -> None:
+        """The token mask of each structured request that samples in this step (its known
+        tokens are all computed once the step runs)."""
+        if self.structured is None:
+            return
+        reqs = [self.requests[r] for r in out.num_scheduled_tokens if r in self.structured]
+        reqs = [r for r in reqs if r.num_computed_tokens >= r.num_tokens]
+        if reqs:
+            out.structured_output_request_ids = [r.request_id for r in reqs]
+            out.grammar_bitmask = self.structured.grammar_bitmask(reqs)
+
+    def _grammar_ended(self, req: Request) -> bool:
+        """Advances the request's grammar over its new tokens; True once it has ended."""
+        return (self.structured is not None and req.request_id in self.structured
+                and self.structured.accept_tokens(req))
 
     # ---- failed steps -----------------------------------------------------------------
     def abandon_in_flight(self, kv_lost: bool = False) -> list[str]:

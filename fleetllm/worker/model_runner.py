@@ -14,7 +14,12 @@ from fleetllm.config import EngineConfig
 from fleetllm.distributed.comm import recv_from_prev_stage, send_to_next_stage
 from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.model.layers.attention import AttentionMetadata, DecodeStaging, PrefillMetadata
-from fleetllm.model.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from fleetllm.model.layers.sampler import (
+    LogitsAdjustment,
+    Sampler,
+    SamplerOutput,
+    SamplingMetadata,
+)
 from fleetllm.model.loader import TORCH_DTYPES, load_model
 from fleetllm.sampling_params import SamplingParams
 from fleetllm.sched.output import (
@@ -149,7 +154,7 @@ class ModelRunner:
         prompt_lp = self._prompt_logprobs(states, [num_sched[r] for r in order], hidden)
         if pc.tp_rank != 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        out = (self.sampler(logits, self._sampling_metadata(sample_states))
+        out = (self.sampler(logits, self._sampling_metadata(sample_states, so))
                if sample_states else None)
         if out is not None and self.config.scheduler_config.async_scheduling:
             for s, tok in zip(sample_states, out.sampled.tolist()):
@@ -260,7 +265,8 @@ class ModelRunner:
         return PrefillMetadata(n, max_q, False, t(pad_index), t(unpad_index),
                                t(np.ascontiguousarray(block_table[:, : max_kv // bs])), t(bias))
 
-    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
+    def _sampling_metadata(self, states: list[CachedRequestState],
+                           so: SchedulerOutput) -> SamplingMetadata:
         params = [s.params for s in states]
         dev = self.device
         temps = torch.tensor([p.temperature if not p.greedy else 0.0 for p in params],
@@ -292,13 +298,49 @@ class ModelRunner:
                                                 device=dev)
             m.prompt_token_ids = self._padded([s.token_ids[: s.num_prompt_tokens] for s in states])
             m.output_token_ids = self._padded([s.token_ids[s.num_prompt_tokens:] for s in states])
-        banned = [
-            (i, list(s.eos_token_ids) * (not p.ignore_eos) + list(p.stop_token_ids))
-            for i, (s, p) in enumerate(zip(states, params))
-            if len(s.token_ids) - s.num_prompt_tokens < p.min_tokens
-        ]
-        m.banned = [(i, toks) for i, toks in banned if toks] or None
+        m.adjustment = self._logits_adjustment(states, so)
         return m
+
+    def _logits_adjustment(self, states: list[CachedRequestState],
+                           so: SchedulerOutput) -> LogitsAdjustment | None:
+        """One batch of (row, token, value) biases, logit_bias and min_tokens bans alike, and
+        the scheduler's grammar bitmask rows placed on their requests' logits rows."""
+        rows: list[int] = []
+        tokens: list[int] = []
+        values: list[float] = []
+        for i, s in enumerate(states):
+            p = s.params
+            if p.logit_bias:
+                rows += [i] * len(p.logit_bias)
+                tokens += p.logit_bias.keys()
+                values += p.logit_bias.values()
+            # A grammar allows EOS only where the output may end: it decides, not min_tokens
+            # (banning EOS there could leave no token allowed).
+            if (len(s.token_ids) - s.num_prompt_tokens < p.min_tokens
+                    and p.structured_outputs is None):
+                banned = list(s.eos_token_ids) * (not p.ignore_eos) + list(p.stop_token_ids)
+                rows += [i] * len(banned)
+                tokens += banned
+                values += [_NEG_INF] * len(banned)
+        req_ids = so.structured_output_request_ids
+        if not rows and not req_ids:
+            return None
+        dev = self.device
+        adj = LogitsAdjustment()
+        if rows:
+            adj.bias_rows = torch.tensor(rows, device=dev)
+            adj.bias_tokens = torch.tensor(tokens, device=dev)
+            adj.bias_values = torch.tensor(values, dtype=torch.float32, device=dev)
+        if req_ids:
+            row_of = {s.req_id: i for i, s in enumerate(states)}
+            rows_np = np.fromiter((row_of[r] for r in req_ids), np.int64, len(req_ids))
+            words = np.frombuffer(so.grammar_bitmask, dtype="<i4").reshape(len(req_ids), -1)
+            # In logits-row order; when every row has a mask, the sampler fills them at once.
+            by_row = np.argsort(rows_np)
+            adj.allowed_bitmask = torch.from_numpy(words[by_row].astype(np.int32)).to(dev)
+            if len(req_ids) < len(states):
+                adj.allowed_rows = torch.from_numpy(rows_np[by_row]).to(dev)
+        return adj
 
     def _padded(self, rows: list[list[int]]) -> torch.Tensor:
         width = max(1, max(len(r) for r in rows))
