@@ -7,6 +7,7 @@ on the head talk ipc, the others TCP, and the TCP path is exercised here."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,6 +122,11 @@ def test_serve_on_an_existing_cluster(llama_dir: Path, cluster: Cluster, referen
     import tests.test_openai_server as server_tests
 
     monkeypatch.setitem(server_tests.ENV, "RAY_ADDRESS", cluster.address)
+    # What this process's Ray session set up (an earlier ray.init may have turned token
+    # authentication on) must reach the server too.
+    for key, value in os.environ.items():
+        if key.startswith("RAY_"):
+            monkeypatch.setitem(server_tests.ENV, key, value)
     before = set(placement_group_table())
     with server_tests.serve(llama_dir, tmp_path / "server.log", "--data-parallel-size",
                             str(NODES), "--data-parallel-backend", "ray") as s:

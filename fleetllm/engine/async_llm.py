@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -204,6 +205,9 @@ class AsyncLLM:
         self._requests: dict[str, _RequestState] = {}
         self._parent_of: dict[str, str] = {}  # child (engine) request id -> request id
         self._dead = asyncio.Event()
+        # When the engines last showed progress (an output, or an idle moment), so a step
+        # that runs past execute_model_timeout_s shows as hung on /health.
+        self._progress_at = time.monotonic()
         self.engine_core = _AsyncMPClient(config, data_parallel_size, self._process,
                                           self._wake_all, data_parallel_backend, connection)
 
@@ -297,6 +301,8 @@ class AsyncLLM:
         processor.add_request(request_id, child_ids, prompt, ids, params)
         state = _RequestState(request_id, prompt, ids, child_ids, processor,
                               [processor.children[c].output for c in child_ids], asyncio.Event())
+        if not self._requests:  # idle until now: the clock starts with this request
+            self._progress_at = time.monotonic()
         self._requests[request_id] = state
         self._parent_of.update(dict.fromkeys(child_ids, request_id))
         try:
@@ -337,7 +343,19 @@ class AsyncLLM:
         for child_id in state.child_ids:
             self._parent_of.pop(child_id, None)
 
+    def hung_reason(self) -> str | None:
+        """Why the engine counts as hung: requests are in flight and no output came for
+        longer than execute_model_timeout_s (an executor that restarts hung workers clears
+        this by itself; a uni engine cannot)."""
+        limit = self.config.parallel_config.execute_model_timeout_s
+        quiet = time.monotonic() - self._progress_at
+        if self._requests and quiet > limit:
+            return (f"no engine output for {quiet:.0f} s with {len(self._requests)} requests "
+                    f"in flight (execute_model_timeout_s={limit:g})")
+        return None
+
     def _process(self, outputs: list[EngineCoreOutput]) -> None:
+        self._progress_at = time.monotonic()
         by_request: dict[str, list[EngineCoreOutput]] = {}
         for eo in outputs:
             request_id = self._parent_of.get(eo.request_id)

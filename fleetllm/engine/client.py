@@ -422,6 +422,15 @@ class SyncMPClient:
         if self._closed:
             return
         self._closed = True
+        try:
+            self._stop_engines()
+        finally:  # whatever failed there, the sockets and their files go
+            if self.loads is not None:
+                self.loads.close()
+            self.ctx.destroy(linger=0)
+            unlink_ipc(*self._ipc_paths)
+
+    def _stop_engines(self) -> None:
         if self.proc_manager is not None:
             if self._owns_engines and hasattr(self, "input"):
                 self.proc_manager.begin_shutdown()
@@ -436,10 +445,6 @@ class SyncMPClient:
                         pass  # already gone
                 self.proc_manager.wait_for_exit(SHUTDOWN_WAIT_S)
             self.proc_manager.close()
-        if self.loads is not None:
-            self.loads.close()
-        self.ctx.destroy(linger=0)
-        unlink_ipc(*self._ipc_paths)
 
 
 def check_utility_results(method: str, results: list[UtilityResult | None]) -> list[Any]:
