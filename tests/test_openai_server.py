@@ -53,11 +53,15 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serve(model: Path, log: Path, *extra: str) -> Iterator[Server]:
-    """A `fleetllm serve` subprocess; on exit, SIGTERM it and check it left no processes."""
+def serve(model: Path | None, log: Path, *extra: str,
+          served_model_name: str | None = MODEL) -> Iterator[Server]:
+    """A `fleetllm serve` subprocess; on exit, SIGTERM it and check it left no processes.
+    model None serves the built-in model; served_model_name None leaves the default name."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "fleetllm.entrypoints.cli", "serve", "--model", str(model),
-           "--port", str(port), "--served-model-name", MODEL, "--api-key", API_KEY,
+    cmd = [sys.executable, "-m", "fleetllm.entrypoints.cli", "serve",
+           *([] if model is None else ["--model", str(model)]),
+           *([] if served_model_name is None else ["--served-model-name", served_model_name]),
+           "--port", str(port), "--api-key", API_KEY,
            "--kv-cache-memory-bytes", str(KV), "--max-model-len", str(MAX_LEN), *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)

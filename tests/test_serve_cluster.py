@@ -104,7 +104,8 @@ def test_data_parallel_and_two_api_servers(llama_dir: Path, reference: list[str]
         assert _servers_answering(s, log) == {"0", "1"}, log.read_text()[-2000:]
         names = sorted(p.name() for p in psutil.Process(s.proc.pid).children())
         assert [n for n in names if n.startswith("fleetllm-")] == [
-            "fleetllm-api0", "fleetllm-api1", "fleetllm-core0", "fleetllm-core1"]
+            "fleetllm-api0", "fleetllm-api1", "fleetllm-coord", "fleetllm-core0",
+            "fleetllm-core1"]
         # Whichever server answers a scrape reports the requests of both.
         want = 2 * len(PROMPTS) * MAX_TOKENS
         for _ in range(6):

@@ -216,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-server-count", type=int, default=1,
                        help="HTTP server processes sharing the port (each with its own "
                             "client of every engine core)")
+    from fleetllm.entrypoints.openai import defaults as server_defaults
+
+    serve.add_argument("--max-request-body-bytes", type=int,
+                       default=server_defaults.DEFAULT_MAX_REQUEST_BODY_BYTES,
+                       help="larger request bodies get 413 before they are read")
+    serve.add_argument("--max-n", type=int, default=server_defaults.DEFAULT_MAX_N,
+                       help="the most completions one request may ask for (n); above it, 400")
+    serve.add_argument("--shutdown-timeout", type=float,
+                       default=server_defaults.DEFAULT_SHUTDOWN_TIMEOUT_S,
+                       help="seconds in-flight requests get to finish after SIGTERM (new "
+                            "ones get 503); then streams end with an error event")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub_parser("bench", help="benchmarks")

@@ -37,12 +37,24 @@ from fleetllm.engine.handshake import unlink_ipc
 from fleetllm.engine.launch import (
     EngineConnection,
     EngineManager,
+    kill_process_tree,
     launch_core_engines,
-    shutdown,
 )
 from fleetllm.engine.messages import EngineEvent
 
-from .server import ENGINE_DEATH_GRACE_S, _raise_stopped, _Stopped, listen_socket, serve_http
+from .server import (
+    ENGINE_DEATH_GRACE_S,
+    UVICORN_GRACE_S,
+    _raise_stopped,
+    _Stopped,
+    listen_socket,
+    serve_http,
+)
+from .shutdown import CUT_GRACE_S, IGNORE_SIGINT
+
+# Past its drain, a server that has not exited is killed: time for the cut requests, uvicorn's
+# own shutdown and the engine client's.
+STOP_MARGIN_S = CUT_GRACE_S + UVICORN_GRACE_S + 5
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +76,8 @@ class APIServerProcessManager:
         ctx = multiprocessing.get_context("spawn")
         self.processes: list[BaseProcess] = []
         self._links: list[Connection] = []
-        self._finalizer = weakref.finalize(self, _close, self.processes, self._links)
+        self._finalizer = weakref.finalize(self, _close, self.processes, self._links,
+                                           args.shutdown_timeout + STOP_MARGIN_S)
         base = dict(client_config or {})
         for i, (in_addr, out_addr) in enumerate(zip(input_addresses, output_addresses)):
             reader, writer = ctx.Pipe(duplex=False)
@@ -92,8 +105,21 @@ class APIServerProcessManager:
         self._finalizer()
 
 
-def _close(processes: list[BaseProcess], links: list[Connection]) -> None:
-    shutdown(processes)
+def _close(processes: list[BaseProcess], links: list[Connection], timeout_s: float) -> None:
+    """SIGTERM every server (each drains its requests, see shutdown.py), wait up to
+    timeout_s, then kill whatever is left with its children."""
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in processes:
+        if proc.is_alive() and proc.pid is not None:
+            logger.warning("API server %s did not stop in %.0f s; killing it", proc.name,
+                           timeout_s)
+            kill_process_tree(proc.pid)
+            proc.join(1)
     for link in links:
         link.close()
 
@@ -198,8 +224,8 @@ def run_api_server_worker(listen_address: str, sock: socket.socket, args: argpar
     set_process_name(f"fleetllm-api{index}")
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(levelname)s api_server{index} %(name)s: %(message)s")
-    # Ctrl-C reaches the whole process group; the supervisor decides (uvicorn, once it
-    # runs, stops gracefully on it, which the supervisor sees as a clean exit).
+    # Ctrl-C reaches the whole process group; the supervisor decides, and its SIGTERM
+    # makes this server drain its requests (uvicorn ignores SIGINT here too).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_stopped)
     link: Connection = client_config["supervisor"]
@@ -211,7 +237,7 @@ def run_api_server_worker(listen_address: str, sock: socket.socket, args: argpar
                                        [client_config["output_address"]])
         engine = AsyncLLM(client_config["config"], connection=EngineConnection(
             addresses, 0, client_config["num_engines"], client_config["num_gpu_blocks"], link))
-        code = serve_http(engine, args, sock, log_config=None)
+        code = serve_http(engine, args, sock, log_config=None, ignored_signals=IGNORE_SIGINT)
     except (_Stopped, KeyboardInterrupt):
         pass
     finally:

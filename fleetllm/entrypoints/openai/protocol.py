@@ -1,16 +1,116 @@
-"""Request and response bodies of the OpenAI-compatible API (pydantic models)."""
+"""Request and response bodies of the OpenAI-compatible API (pydantic models).
+
+Requests are strict, so no input is silently changed or ignored: a field of the wrong type
+(no "3" for 3, no 1.0 for an integer), a number out of range, an unknown field, or a string
+that is not valid Unicode gets 400 naming the field. Limits that depend on the engine (the
+vocabulary, max_model_len, --max-n) are checked by the serving layer."""
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+# Bounds as exclusive powers of two: JSON numbers are doubles to many clients, and 2**63 - 1
+# is not one (it reads back as 2**63).
+INT64_MIN, INT64_END = -(2**63), 2**63
+INT32_MAX = 2**31 - 1
+
+# Fields of the OpenAI and vLLM request schemas that this server does not implement yet: a
+# request that sets one (to anything but null or an empty value) gets 400 naming it. Remove a
+# name here when it is implemented, and declare the field on the request model.
+NOT_SUPPORTED_YET = frozenset({
+    "response_format", "logit_bias", "tools", "tool_choice", "parallel_tool_calls",
+    "functions", "function_call",  # OpenAI's deprecated form of tools
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+    "tool_calls", "tool_call_id",  # in messages
+})
+# Values that ask for what the server does anyway: sent by clients that fill in defaults.
+_DEFAULT_VALUES: dict[str, Any] = {"response_format": {"type": "text"}, "tool_choice": "none"}
+
+
+def _encodable(text: str) -> str:
+    """A JSON string may hold a lone surrogate ("\\ud800"), which no tokenizer can encode."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                f"the string has a lone surrogate (U+{ord(text[e.start]):04X} at character "
+                f"{e.start}), which is not valid Unicode; send UTF-8 text (a character "
+                "outside the BMP as a surrogate pair)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+TokenId = Annotated[int, Field(ge=0, lt=INT64_END)]  # the vocabulary is checked later
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+
+def _shape(value: Any) -> str:
+    """Which branch of a str-or-list union a value is meant for, so that a bad value gets
+    the errors of that branch only, not of every branch."""
+    if isinstance(value, list) and value:
+        first = value[0]
+        return "list[str]" if isinstance(first, str) else (
+            "list[list[int]]" if isinstance(first, list) else "list[int]")
+    return "list[str]" if isinstance(value, list) else "str"
+
+
+def _union(*branches: tuple[str, Any]) -> Any:
+    return Annotated[Union[tuple(Annotated[t, Tag(name)] for name, t in branches)],  # noqa: UP007
+                     Discriminator(_shape)]
+
+
+def _nonempty(t: Any) -> Any:
+    return Annotated[list[t], Field(min_length=1)]
+
+
+Prompt = _union(("str", Annotated[Text, Field(min_length=1)]), ("list[str]", _nonempty(Text)), ("list[int]", _nonempty(TokenId)),
+                ("list[list[int]]", _nonempty(_nonempty(TokenId))))
+Stop = _union(("str", Text), ("list[str]", list[Text]))
+
+
+def _drop_not_supported(data: Any, where: str = "") -> Any:
+    """data without the not-yet-supported fields that are null or empty; 400 for the rest."""
+    if not isinstance(data, dict) or not NOT_SUPPORTED_YET & data.keys():
+        return data
+    data = dict(data)
+    for name in sorted(NOT_SUPPORTED_YET & data.keys()):
+        value = data.pop(name)
+        if value in (None, {}, []) or _DEFAULT_VALUES.get(name) == value:
+            continue
+        raise PydanticCustomError(
+            "not_supported", f"{where}{name} is not supported yet by this server; remove it",
+            {"field": f"{where}{name}"})
+    return data
 
 
 class OpenAIBaseModel(BaseModel):
-    # OpenAI clients send fields this server has no use for (user, metadata, ...).
-    model_config = ConfigDict(extra="ignore")
+    """Responses (and their parts)."""
+
+    model_config = ConfigDict()
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_supported_yet(cls, data: Any) -> Any:
+        return _drop_not_supported(data)
 
 
 class ErrorInfo(OpenAIBaseModel):
@@ -24,61 +124,123 @@ class ErrorResponse(OpenAIBaseModel):
     error: ErrorInfo
 
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingRequest(OpenAIBaseModel):
-    """The fields completions and chat share; ranges are checked by SamplingParams."""
+class SamplingRequest(RequestModel):
+    """The fields completions and chat share; ranges the engine knows are checked there."""
 
-    model: str | None = None
-    n: int = 1
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    model: Text | None = None
+    n: int = Field(1, ge=1, le=INT32_MAX, description="capped by the server's --max-n")
+    max_tokens: Count | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: Stop | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, lt=INT64_END)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    user: Text | None = Field(None, description="an end-user id; it does not change the output")
     # vLLM's extensions, which OpenAI clients send through extra_body
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Count = 0
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
 
+# Examples in the schema (conformance tools send them first): streams, scoring, chat.
+_COMPLETION_EXAMPLES = [
+    {"prompt": "def fibonacci(n):", "max_tokens": 8, "stream": True,
+     "stream_options": {"include_usage": True}},
+    {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 0, "echo": True, "logprobs": 1},
+    {"prompt": "x = ", "max_tokens": 4, "logprobs": 2, "n": 2, "seed": 1, "stop": ["\n"]},
+]
+_CHAT_EXAMPLES = [
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Hello!"}],
+     "max_tokens": 8, "stream": True, "logprobs": True, "top_logprobs": 2},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+     "max_completion_tokens": 4, "n": 2},
+]
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: list[int] | list[list[int]] | str | list[str]
-    logprobs: int | None = None
+    model_config = ConfigDict(json_schema_extra={"examples": _COMPLETION_EXAMPLES})
+
+    prompt: Prompt
+    logprobs: Count | None = None
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
+    suffix: Text | None = None
+    best_of: int | None = Field(None, ge=1, le=INT32_MAX)
+    add_special_tokens: bool = True
 
 
-class ContentPart(OpenAIBaseModel):
-    type: str
-    text: str | None = None
+class ContentPart(RequestModel):
+    type: Literal["text"]
+    text: Text
 
 
-class ChatMessage(OpenAIBaseModel):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+def _content_shape(value: Any) -> str:
+    return "list[ContentPart]" if isinstance(value, list) else "str"
+
+
+Content = Annotated[Union[Annotated[Text, Tag("str")],  # noqa: UP007
+                          Annotated[list[ContentPart], Tag("list[ContentPart]")]],
+                    Discriminator(_content_shape)]
+
+
+class _Message(RequestModel):
+    content: Content
+    name: Text | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_supported_yet(cls, data: Any) -> Any:
+        return _drop_not_supported(data, "messages[].")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise PydanticCustomError(
+                    "not_supported", f"content part type {kind!r} is not supported: this "
+                    "server takes text only")
+        return content
+
+
+class ChatMessage(_Message):
+    role: Literal["system", "developer", "user", "tool"]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Content | None = None
+
+
+# Chosen by role, so that an unknown role reads as one error naming the roles.
+Message = Annotated[Union[ChatMessage, AssistantMessage],  # noqa: UP007
+                    Field(discriminator="role")]
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    model_config = ConfigDict(json_schema_extra={"examples": _CHAT_EXAMPLES})
+
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the chat template places the special tokens
+    modalities: list[Literal["text"]] | None = None
 
 
 class UsageInfo(OpenAIBaseModel):
@@ -92,9 +254,11 @@ def _now() -> int:
 
 
 class CompletionLogprobs(OpenAIBaseModel):
+    """The legacy shape; with echo, the first prompt token's logprob is null."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -188,18 +352,28 @@ class ModelList(OpenAIBaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIBaseModel):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+class TokenizePromptRequest(RequestModel):
+    model: Text | None = None
+    prompt: Text
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' and 'messages'")
-        return self
+
+class TokenizeChatRequest(RequestModel):
+    model: Text | None = None
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the chat template places the special tokens
+
+
+def _tokenize_shape(value: Any) -> str:
+    return "tokenize[chat]" if isinstance(value, dict) and "messages" in value else (
+        "tokenize[prompt]")
+
+
+TokenizeRequest = Annotated[Union[  # noqa: UP007
+    Annotated[TokenizePromptRequest, Tag("tokenize[prompt]")],
+    Annotated[TokenizeChatRequest, Tag("tokenize[chat]")]],
+                            Discriminator(_tokenize_shape)]
 
 
 class TokenizeResponse(OpenAIBaseModel):
@@ -208,9 +382,9 @@ class TokenizeResponse(OpenAIBaseModel):
     max_model_len: int
 
 
-class DetokenizeRequest(OpenAIBaseModel):
-    model: str | None = None
-    tokens: list[int]
+class DetokenizeRequest(RequestModel):
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(OpenAIBaseModel):

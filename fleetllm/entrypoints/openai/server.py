@@ -4,247 +4,97 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import logging
-import os
 import signal
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic_core import to_json
 
 from fleetllm import __version__
 from fleetllm.config import EngineArgs
 from fleetllm.engine.async_llm import AsyncLLM
-from fleetllm.errors import EngineDeadError, EngineRestartingError
+from fleetllm.engine.core_proc import set_process_name
 
+from .defaults import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_SHUTDOWN_TIMEOUT_S
+from .errors import OpenAIError
+from .metrics import ServerMetrics
+from .middleware import APIKeyMiddleware, BodyLimitMiddleware
+from .openapi import API_ERRORS, error_responses, install_error_handlers, install_openapi
+from .prompts import PromptProcessor
 from .protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
-from .serving import OpenAIError, OpenAIServing, Stream
+from .serving import OpenAIServing
+from .shutdown import (
+    GracefulServer,
+    Lifecycle,
+    LifecycleMiddleware,
+    unless_disconnected,
+)
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers carry no API key
-GRACEFUL_SHUTDOWN_S = 5
 ENGINE_DEATH_GRACE_S = 3.0  # how long /health says 503 before a server whose engine died exits
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                   60.0)
-# The scheduler's stats, as (name, help, stats key); gauges, then counters.
-ENGINE_GAUGES = (
-    ("fleetllm:num_requests_running", "Requests the scheduler is running.", "num_running"),
-    ("fleetllm:num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
-    ("fleetllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).",
-     "kv_cache_usage"),
-)
-ENGINE_COUNTERS = (
-    ("fleetllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-     "prefix_cache_queries"),
-    ("fleetllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-     "prefix_cache_hits"),
-    ("fleetllm:num_preemptions", "Requests preempted for lack of KV cache.", "num_preemptions"),
-)
+# uvicorn's own shutdown, after ours drained the requests: only idle connections are left.
+UVICORN_GRACE_S = 2
+DEFAULT_MODEL_NAME = "fleetllm-default"  # the built-in model's name, not its install path
 
 
-class _EngineStats(Collector):
-    """Exports the engines' last reported scheduler stats, one sample per engine, and the
-    restarts: of engine cores, as this front end saw them (every API server hears of every
-    one, so any server's count is the total), and of workers, summed over the engines (a
-    restarted engine core starts from 0, which Prometheus reads as a counter reset)."""
-
-    def __init__(self, engine: AsyncLLM) -> None:
-        self.engine = engine
-        self.per_engine: list[dict[str, float]] = []
-
-    def collect(self) -> Iterator[Metric]:
-        for kinds, family in ((ENGINE_GAUGES, GaugeMetricFamily),
-                              (ENGINE_COUNTERS, CounterMetricFamily)):
-            for name, doc, key in kinds:
-                metric = family(name, doc, labels=["engine"])
-                for i, stats in enumerate(self.per_engine):
-                    metric.add_metric([str(i)], stats.get(key, 0.0))
-                yield metric
-        yield CounterMetricFamily("fleetllm:engine_restarts",
-                                  "Engine cores that died and were restarted.",
-                                  value=self.engine.num_engine_restarts)
-        yield CounterMetricFamily(
-            "fleetllm:worker_restarts", "Workers restarted inside the engine cores.",
-            value=sum(s.get("num_worker_restarts", 0.0) for s in self.per_engine))
-        yield CounterMetricFamily(
-            "fleetllm:requests_recomputed",
-            "Requests put back and recomputed inside an engine core after its workers "
-            "were restarted.",
-            value=sum(s.get("num_requests_recomputed", 0.0) for s in self.per_engine))
+def _sse(chunk: str) -> dict[str, Any]:
+    """A stream's events (OpenAPI 3.1: the schema describes one event): each a JSON chunk or
+    error, then the closing [DONE]."""
+    refs = [{"$ref": f"#/components/schemas/{name}"} for name in (chunk, "ErrorResponse")]
+    data = {"anyOf": [{"const": "[DONE]"}, {"contentMediaType": "application/json",
+                                             "contentSchema": {"anyOf": refs}}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {"text/event-stream": {"schema": event}}
 
 
-class ServerMetrics:
-    """Prometheus metrics on the app's own registry, so two apps in a process never clash."""
+@dataclass(frozen=True)
+class ServerLimits:
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    max_n: int = DEFAULT_MAX_N
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
 
-    def __init__(self, engine: AsyncLLM) -> None:
-        self.engine = engine
-        self.registry = CollectorRegistry()
-        self.engine_stats = _EngineStats(engine)
-        self.registry.register(self.engine_stats)
-        r = self.registry
-        # A multiprocess counter: with several API servers, each re-sends its own requests.
-        self.requests_recovered = Counter(
-            "fleetllm:requests_recovered",
-            "Unfinished requests re-sent to a live engine after their engine core died.",
-            registry=r)
-        engine.on_requests_recovered(self.requests_recovered.inc)
-        self.prompt_tokens = Counter("fleetllm:prompt_tokens", "Prefilled prompt tokens.",
-                                     registry=r)
-        self.generation_tokens = Counter("fleetllm:generation_tokens", "Generated tokens.",
-                                         registry=r)
-        self.ttft = Histogram("fleetllm:time_to_first_token_seconds",
-                              "Time from arrival to the first token.",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("fleetllm:inter_token_latency_seconds",
-                             "Time between successive outputs of a request.",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("fleetllm:e2e_request_latency_seconds",
-                             "Time from arrival to the finished output.",
-                             buckets=LATENCY_BUCKETS, registry=r)
-
-    async def track(self, stream: Stream, prompt_len: int) -> Stream:
-        start = last = time.monotonic()
-        seen = 0
-        async for out in stream:
-            now = time.monotonic()
-            total = sum(len(o.token_ids) for o in out.outputs)
-            if total > seen:
-                if seen == 0:
-                    self.ttft.observe(now - start)
-                    self.prompt_tokens.inc(prompt_len)
-                else:
-                    self.itl.observe(now - last)
-                self.generation_tokens.inc(total - seen)
-                seen, last = total, now
-            if out.finished:
-                self.e2e.observe(now - start)
-            yield out
-
-    async def render(self) -> bytes:
-        if not self.engine.errored:
-            try:
-                self.engine_stats.per_engine = await self.engine.get_stats()
-            except (EngineDeadError, EngineRestartingError):
-                pass  # keep the last numbers; /health reports a death
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-            return generate_latest(self.registry)
-        # Several API server processes: any of them answers a scrape with the sum of all.
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        registry.register(self.engine_stats)
-        return generate_latest(registry)
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> ServerLimits:
+        limits = ServerLimits(args.max_request_body_bytes, args.max_n, args.shutdown_timeout)
+        for name, value in (("--max-request-body-bytes", limits.max_request_body_bytes),
+                            ("--max-n", limits.max_n)):
+            if value < 1:
+                raise ValueError(f"{name} {value} must be >= 1")
+        if limits.shutdown_timeout_s < 0:
+            raise ValueError(f"--shutdown-timeout {limits.shutdown_timeout_s} must be >= 0")
+        return limits
 
 
-class APIKeyMiddleware:
-    """Requires 'Authorization: Bearer KEY' everywhere but the probe paths."""
+def _is_builtin(model: str) -> bool:
+    from fleetllm.default_model import DEFAULT_MODEL_DIR
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.digest = hashlib.sha256(api_key.encode()).digest()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        auth = Headers(scope=scope).get("authorization", "")
-        token = auth[7:] if auth[:7].lower() == "bearer " else ""
-        # Comparing fixed-length digests in constant time leaks neither content nor length.
-        if hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self.digest):
-            await self.app(scope, receive, send)
-            return
-        error = OpenAIError("missing or incorrect API key; send 'Authorization: Bearer KEY'",
-                            401, code="invalid_api_key")
-        await _error_response(error)(scope, receive, send)
+    return Path(model).resolve() == DEFAULT_MODEL_DIR
 
 
-def _error_response(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body().model_dump(), status_code=e.status)
-
-
-def _validation_error(exc: RequestValidationError) -> OpenAIError:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "")
-        return OpenAIError(f"the request body is not valid JSON: {detail}")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    messages = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in errors)
-    return OpenAIError(messages or "invalid request", param=loc[0] if loc else None)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(_validation_error(exc))
-
-    @app.exception_handler(HTTPException)
-    async def on_http(_: Request, exc: HTTPException) -> JSONResponse:
-        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(OpenAIError(str(exc.detail), exc.status_code, kind))
-
-    # Handled here, these are not re-raised to uvicorn as unhandled errors would be.
-    @app.exception_handler(OpenAIError)
-    @app.exception_handler(EngineDeadError)
-    async def on_known(_: Request, exc: Exception) -> JSONResponse:
-        return _error_response(OpenAIError.from_exception(exc))
-
-    @app.exception_handler(Exception)
-    async def on_error(_: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises the exception after this response, and uvicorn logs it.
-        return _error_response(OpenAIError(f"internal error: {type(exc).__name__}", 500,
-                                           "server_error"))
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Runs work, cancelling it (and so aborting its requests) if the client goes away."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done() or task.cancelled():
-        return Response(status_code=499)  # nobody reads it; the client is gone
-    return task.result()
+def default_model_names(engine: AsyncLLM) -> list[str]:
+    model = engine.config.model_config.model
+    return [DEFAULT_MODEL_NAME if _is_builtin(model) else model]
 
 
 def _respond(result: Any) -> Any:
@@ -254,14 +104,21 @@ def _respond(result: Any) -> Any:
 
 
 def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None,
-              on_engine_death: Callable[[str], None] | None = None) -> FastAPI:
+              on_engine_death: Callable[[str], None] | None = None,
+              limits: ServerLimits | None = None) -> FastAPI:
     """The app owns the engine: it shuts it down when the app's lifespan ends. While an
     engine core that died is restarted, /health stays 200 (streams pause, then go on). If
     the engine dies for good, /health answers 503 for ENGINE_DEATH_GRACE_S (so probes and
     load balancers see it), then on_engine_death(reason) is called: the server uses it to
-    stop."""
+    stop. app.state.lifecycle is what graceful shutdown drains."""
+    limits = limits or ServerLimits()
     metrics = ServerMetrics(engine)
-    serving = OpenAIServing(engine, served_model_names, metrics.track)
+    prompts = PromptProcessor(engine)
+    lifecycle = Lifecycle(limits.shutdown_timeout_s)
+    serving = OpenAIServing(engine, served_model_names, metrics.track, prompts, limits.max_n,
+                            lifecycle.cut)
+    model = engine.config.model_config.model
+    root = DEFAULT_MODEL_NAME if _is_builtin(model) else model
 
     async def watch_engine() -> None:
         reason = await engine.wait_until_dead()
@@ -276,61 +133,91 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
             yield
         finally:
             watcher.cancel()
+            prompts.close()
             engine.shutdown()
 
     app = FastAPI(title="fleetllm", version=__version__, lifespan=lifespan)
-    _install_error_handlers(app)
+    install_error_handlers(app)
+    install_openapi(app, engine.config.model_config.vocab_size, limits.max_n)
+    # Outermost last: shutdown's 503 and in-flight count, then the key, then the body cap.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_body_bytes,
+                       on_large_body=prompts.release_memory)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
+    app.state.lifecycle = lifecycle
+    _add_routes(app, engine, serving, metrics, served_model_names, root)
+    return app
 
-    @app.get("/health")
+
+def _add_routes(app: FastAPI, engine: AsyncLLM, serving: OpenAIServing,
+                metrics: ServerMetrics, served_model_names: list[str], root: str) -> None:
+    cut = serving.cut
+    assert cut is not None
+
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "Serving (or recovering from an engine-core death)",
+              "content": {"text/plain": {"schema": {"type": "string", "maxLength": 0}}}},
+        **error_responses(503)})
     async def health() -> Response:
         if engine.errored:
-            return _error_response(OpenAIError("the engine is dead", 503, "server_error",
-                                               code="engine_dead"))
-        return Response(status_code=200)
+            return OpenAIError("the engine is dead", 503, "server_error",
+                               code="engine_dead").response()
+        hung = engine.hung_reason()
+        if hung is not None:  # one step has run longer than execute_model_timeout_s
+            return OpenAIError(f"the engine looks hung: {hung}", 503, "server_error",
+                               code="engine_hung").response()
+        return Response(status_code=200, media_type="text/plain")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text format",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **error_responses(503)})
     async def prometheus_metrics() -> Response:
         return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/version")
+    get_errors = error_responses(401, 503)
+
+    @app.get("/version", responses=get_errors)
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=get_errors)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=engine.config.model_config.model,
-                                         max_model_len=engine.max_model_len)
+        return ModelList(data=[ModelCard(id=name, root=root, max_model_len=engine.max_model_len)
                                for name in served_model_names])
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses={
+        200: {"model": CompletionResponse, "content": _sse("CompletionResponse")},
+        **API_ERRORS})
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return _respond(await _unless_disconnected(request, serving.create_completion(body)))
+        return _respond(await unless_disconnected(request, serving.create_completion(body),
+                                                  cut))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses={
+        200: {"model": ChatCompletionResponse, "content": _sse("ChatCompletionChunk")},
+        **API_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return _respond(await _unless_disconnected(request,
-                                                   serving.create_chat_completion(body)))
+        return _respond(await unless_disconnected(
+            request, serving.create_chat_completion(body), cut))
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=API_ERRORS)
+    async def tokenize(body: TokenizeRequest) -> Response:
         serving.check_model(body.model)
-        if body.messages is not None:
-            tokens = serving.chat_prompt(body.messages, body.add_generation_prompt)[1]
+        if isinstance(body, TokenizeChatRequest):
+            tokens = (await serving.chat_prompt(body.messages, body.add_generation_prompt,
+                                                body.add_special_tokens, bounded=False))[1]
         else:
-            try:
-                tokens = engine.encode(body.prompt, body.add_special_tokens)
-            except ValueError as e:
-                raise OpenAIError(str(e), param="prompt") from e
-        return TokenizeResponse(tokens=tokens, count=len(tokens),
-                                max_model_len=engine.max_model_len)
+            tokens = await serving.prompts.encode(body.prompt, body.add_special_tokens,
+                                                  "prompt", bounded=False)
+        body = await serving.prompts.run(_tokenize_json, tokens, engine.max_model_len)
+        return Response(body, media_type="application/json")
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=API_ERRORS)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         serving.check_model(body.model)
         vocab = engine.config.model_config.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        bad = [t for t in body.tokens if t >= vocab]
         if bad:
             raise OpenAIError(f"token ids outside [0, {vocab}): {bad[:5]}", param="tokens")
         try:
@@ -338,7 +225,14 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
         except ValueError as e:
             raise OpenAIError(str(e), param="tokens") from e
 
-    return app
+
+def _tokenize_json(tokens: list[int], max_model_len: int) -> bytes:
+    """TokenizeResponse as JSON, written in slices: the GIL is free between them, so the
+    event loop answers while millions of ids are written (FastAPI's encoder would take
+    seconds, and one pydantic call holds the GIL for all of them)."""
+    step = 1 << 17
+    ids = b",".join(to_json(tokens[i:i + step])[1:-1] for i in range(0, len(tokens), step))
+    return b'{"tokens":[%s],"count":%d,"max_model_len":%d}' % (ids, len(tokens), max_model_len)
 
 
 class _Stopped(BaseException):
@@ -356,10 +250,12 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
     --api-server-count > 1, a supervisor over API server processes and engine cores."""
     if args.api_server_count < 1:
         raise ValueError(f"--api-server-count {args.api_server_count} must be >= 1")
+    ServerLimits.from_args(args)  # bad limits fail before anything starts
     if args.api_server_count > 1:
         from .multi_server import run_multi_server
 
         return run_multi_server(args, engine_kwargs)
+    set_process_name("fleetllm-api0")  # as with several servers, so ps reads the same
     # Python's default SIGTERM would skip the finally below and orphan the engine processes.
     signal.signal(signal.SIGTERM, _raise_stopped)
     engine: AsyncLLM | None = None
@@ -403,13 +299,15 @@ def uvicorn_log_config() -> dict[str, Any] | None:
 
 
 def serve_http(engine: AsyncLLM, args: argparse.Namespace, sock: socket.socket,
-               log_config: dict[str, Any] | None) -> int:
-    """Runs uvicorn on sock until a signal or the engine's death; 1 if the engine died."""
+               log_config: dict[str, Any] | None,
+               ignored_signals: frozenset[int] = frozenset()) -> int:
+    """Runs uvicorn on sock until a signal (then drains, see shutdown.py) or the engine's
+    death; 1 if the engine died."""
     import uvicorn
 
-    names = args.served_model_name or [engine.config.model_config.model]
+    names = args.served_model_name or default_model_names(engine)
     died: list[str] = []
-    server: uvicorn.Server | None = None
+    server: GracefulServer | None = None
 
     def on_engine_death(reason: str) -> None:
         died.append(reason)
@@ -419,11 +317,12 @@ def serve_http(engine: AsyncLLM, args: argparse.Namespace, sock: socket.socket,
 
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("no --api-key: anyone who can reach %s can use the server", args.host)
-    app = build_app(engine, names, args.api_key, on_engine_death)
+    app = build_app(engine, names, args.api_key, on_engine_death, ServerLimits.from_args(args))
+    lifecycle: Lifecycle = app.state.lifecycle
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     config = uvicorn.Config(app, log_level=level, log_config=log_config,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=UVICORN_GRACE_S)
+    server = GracefulServer(config, lifecycle, ignored_signals)
     try:
         server.run(sockets=[sock])
     finally:

@@ -5,72 +5,52 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import jinja2
-from pydantic import BaseModel
 
 from fleetllm.engine.async_llm import AsyncLLM
-from fleetllm.engine.output import CompletionOutput, Logprob, RequestOutput
-from fleetllm.errors import EngineDeadError
+from fleetllm.engine.output import RequestOutput
 from fleetllm.sampling_params import SamplingParams
 
+from .defaults import DEFAULT_MAX_N
+from .errors import OpenAIError
+from .logprobs import chat_logprobs, completion_logprobs
+from .prompts import PromptProcessor
 from .protocol import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatLogprobs,
-    ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
-    ChatTokenLogprob,
-    ChatTopLogprob,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
-    ErrorInfo,
-    ErrorResponse,
+    Message,
     SamplingRequest,
-    UsageInfo,
+)
+from .streaming import (
+    Delta,
+    DeltaTracker,
+    Stream,
+    Tracker,
+    final_outputs,
+    merge_streams,
+    sse,
+    usage_of,
+    whole,
 )
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-Stream = AsyncIterator[RequestOutput]
-# Wraps a request's output stream (the server's metrics hook); called with the prompt length.
-Tracker = Callable[[Stream, int], Stream]
-
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MIN_LOGPROB = -9999.0  # JSON has no -inf
 
-
-class OpenAIError(Exception):
-    """An error the client caused (or the engine's death), with its HTTP status."""
-
-    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.type, self.param, self.code = status, type, param, code
-
-    def body(self) -> ErrorResponse:
-        return ErrorResponse(error=ErrorInfo(message=str(self), type=self.type,
-                                             param=self.param, code=self.code))
-
-    @staticmethod
-    def from_exception(e: Exception) -> OpenAIError:
-        if isinstance(e, OpenAIError):
-            return e
-        if isinstance(e, EngineDeadError):
-            return OpenAIError(str(e), 503, "server_error", code="engine_dead")
-        logger.error("request failed", exc_info=e)
-        return OpenAIError(f"internal error: {type(e).__name__}", 500, "server_error")
+Prompt = tuple[str | None, list[int]]
 
 
 def _invalid(e: Exception, default_param: str | None = None) -> OpenAIError:
@@ -80,152 +60,17 @@ def _invalid(e: Exception, default_param: str | None = None) -> OpenAIError:
     return OpenAIError(str(e), param=param)
 
 
-async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """(index, item) from several streams as items arrive; closing it closes them all."""
-    loop = asyncio.get_running_loop()
-    pending = {loop.create_task(anext(s)): i for i, s in enumerate(streams)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                i = pending.pop(task)
-                try:
-                    item = task.result()
-                except StopAsyncIteration:
-                    continue
-                pending[loop.create_task(anext(streams[i]))] = i
-                yield i, item
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for s in streams:
-            await s.aclose()
-
-
-async def sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
-    """Server-sent events; an error mid-stream becomes an error event, then [DONE]."""
-    try:
-        async with aclosing(chunks):
-            async for chunk in chunks:
-                yield f"data: {chunk.model_dump_json()}\n\n"
-    except Exception as e:
-        yield f"data: {OpenAIError.from_exception(e).body().model_dump_json()}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-@dataclass
-class _Delta:
-    """What one choice gained since the last chunk."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[int, Logprob]] | None
-    text_offset: int
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-class _DeltaTracker:
-    """Turns cumulative outputs into deltas, holding back text a stop string may still
-    remove, and counts usage."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.n = params.n
-        self.hold = max((len(s) for s in params.stop), default=1) - 1
-        self.sent_text: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-        self.done: set[int] = set()
-        self.usage = UsageInfo()
-
-    def deltas(self, prompt_index: int, ro: RequestOutput) -> list[_Delta]:
-        result = []
-        for o in ro.outputs:
-            index = prompt_index * self.n + o.index
-            if index in self.done:
-                continue
-            finished = o.finish_reason is not None
-            start, tok_start = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
-            end = len(o.text) if finished else max(start, len(o.text) - self.hold)
-            # New tokens make a chunk even when their text is held back (half a UTF-8
-            # character, or a possible stop string): clients see progress and logprobs.
-            if end == start and len(o.token_ids) == tok_start and not finished:
-                continue
-            self.sent_text[index], self.sent_tokens[index] = end, len(o.token_ids)
-            lps = None if o.logprobs is None else o.logprobs[tok_start:]
-            result.append(_Delta(index, o.text[start:end], o.token_ids[tok_start:], lps, start,
-                                 o.finish_reason, o.stop_reason))
-            if finished:
-                self.done.add(index)
-                self.usage.completion_tokens += len(o.token_ids)
-        if ro.finished:
-            self.usage.prompt_tokens += len(ro.prompt_token_ids)
-        self.usage.total_tokens = self.usage.prompt_tokens + self.usage.completion_tokens
-        return result
-
-
-async def final_outputs(streams: list[Stream]) -> list[RequestOutput]:
-    """The finished output of each stream, in order."""
-    finals: dict[int, RequestOutput] = {}
-    async with aclosing(merge_streams(streams)) as merged:
-        async for i, ro in merged:
-            finals[i] = ro
-    return [finals[i] for i in range(len(streams))]
-
-
-def usage_of(finals: list[RequestOutput]) -> UsageInfo:
-    prompt = sum(len(ro.prompt_token_ids) for ro in finals)
-    completion = sum(len(o.token_ids) for ro in finals for o in ro.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
-
-
-def _whole(index: int, o: CompletionOutput) -> _Delta:
-    return _Delta(index, o.text, o.token_ids, o.logprobs, 0, o.finish_reason, o.stop_reason)
-
-
-def _token_text(lp: Logprob, token_id: int) -> str:
-    return lp.decoded_token if lp.decoded_token is not None else f"token_id:{token_id}"
-
-
-def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]],
-                        text_offset: int) -> CompletionLogprobs:
-    out = CompletionLogprobs()
-    for tok, entry in zip(token_ids, entries):
-        text = _token_text(entry[tok], tok)
-        out.tokens.append(text)
-        out.token_logprobs.append(max(entry[tok].logprob, MIN_LOGPROB))
-        out.top_logprobs.append({_token_text(lp, t): max(lp.logprob, MIN_LOGPROB)
-                                 for t, lp in entry.items()})
-        out.text_offset.append(text_offset)
-        text_offset += len(text)
-    return out
-
-
-def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]],
-                  top: int) -> ChatLogprobs:
-    def item(t: int, lp: Logprob) -> ChatTopLogprob:
-        text = _token_text(lp, t)
-        return ChatTopLogprob(token=text, logprob=max(lp.logprob, MIN_LOGPROB),
-                              bytes=list(text.encode()))
-
-    content = []
-    for tok, entry in zip(token_ids, entries):
-        ranked = sorted((lp.rank, t, lp) for t, lp in entry.items()
-                        if lp.rank is not None and lp.rank <= top)
-        sampled = item(tok, entry[tok])
-        content.append(ChatTokenLogprob(**sampled.model_dump(),
-                                        top_logprobs=[item(t, lp) for _, t, lp in ranked]))
-    return ChatLogprobs(content=content)
-
-
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str],
-                 track: Tracker) -> None:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], track: Tracker,
+                 prompts: PromptProcessor, max_n: int = DEFAULT_MAX_N,
+                 cut: asyncio.Event | None = None) -> None:
         self.engine = engine
         self.model_names = served_model_names
         self.track = track
+        self.prompts = prompts
+        self.max_n = max_n
+        self.cut = cut  # set when the server's shutdown ends the requests still running
+        self.vocab_size = engine.config.model_config.vocab_size
 
     def check_model(self, name: str | None) -> str:
         """The served name to answer with; 404 for a model this server does not have."""
@@ -235,8 +80,18 @@ class OpenAIServing:
                           f"{self.model_names}", 404, param="model", code="model_not_found")
 
     # ---- inputs -----------------------------------------------------------------------
+    def _check_limits(self, req: SamplingRequest) -> None:
+        if req.n > self.max_n:
+            raise OpenAIError(f"n={req.n} is more than this server allows (--max-n "
+                              f"{self.max_n}); ask for fewer", param="n")
+        bad = [t for t in req.stop_token_ids or () if t >= self.vocab_size]
+        if bad:
+            raise OpenAIError(f"stop_token_ids has token ids outside the vocabulary "
+                              f"[0, {self.vocab_size}): {bad[:5]}", param="stop_token_ids")
+
     def sampling_params(self, req: SamplingRequest, max_tokens: int | None,
-                        logprobs: int | None) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None
+                        ) -> SamplingParams:
         defaults = self.engine.generation_defaults()
         chosen = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
                   "min_p": req.min_p, "repetition_penalty": req.repetition_penalty}
@@ -249,37 +104,40 @@ class OpenAIServing:
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 **{k: v for k, v in overrides.items() if v is not None})
         except (ValueError, TypeError) as e:
             raise _invalid(e) from e
 
-    def completion_prompts(self, prompt: Any) -> list[tuple[str | None, list[int]]]:
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
-            texts = [prompt] if isinstance(prompt, str) else prompt
-            try:
-                return [(t, self.engine.encode(t)) for t in texts]
-            except ValueError as e:
-                raise _invalid(e, "prompt") from e
-        if prompt and isinstance(prompt[0], list):
+    async def completion_prompts(self, prompt: Any, add_special_tokens: bool
+                                 ) -> list[Prompt]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise OpenAIError("the prompt is empty; give at least one token", param="prompt")
+        if isinstance(prompt[0], str):
+            return [(t, await self.prompts.encode(t, add_special_tokens, "prompt"))
+                    for t in prompt]
+        if isinstance(prompt[0], list):
             return [(None, ids) for ids in prompt]
         return [(None, prompt)]
 
-    def chat_prompt(self, messages: list[ChatMessage],
-                    add_generation_prompt: bool) -> tuple[str, list[int]]:
+    async def chat_prompt(self, messages: list[Message], add_generation_prompt: bool,
+                          add_special_tokens: bool = False, bounded: bool = True) -> Prompt:
         convo = []
-        for i, m in enumerate(messages):
+        for m in messages:
             content = m.content
             if isinstance(content, list):
-                if any(p.type != "text" or p.text is None for p in content):
-                    raise OpenAIError(f"messages[{i}]: only text content parts are supported",
-                                      param="messages")
                 content = "".join(p.text for p in content)
-            convo.append({"role": m.role, "content": content or ""})
+            entry = {"role": m.role, "content": content or ""}
+            if m.name is not None:
+                entry["name"] = m.name
+            convo.append(entry)
         try:
-            text = self.engine.apply_chat_template(convo, add_generation_prompt)
+            text = await self.prompts.render_chat(convo, add_generation_prompt)
         except (ValueError, jinja2.TemplateError) as e:
             raise OpenAIError(f"cannot apply the chat template: {e}", param="messages") from e
-        return text, self.engine.encode(text, add_special_tokens=False)
+        return text, await self.prompts.encode(text, add_special_tokens, "messages", bounded)
 
     def _check(self, ids: list[int], params: SamplingParams, param: str) -> None:
         try:
@@ -287,50 +145,111 @@ class OpenAIServing:
         except ValueError as e:
             raise _invalid(e, param) from e
 
-    def _start(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
+    def _start(self, prompts: list[Prompt], params: SamplingParams,
                request_id: str) -> list[Stream]:
         self.engine.check_health()  # before a stream starts with 200
         return [self.track(self.engine.generate(ids, params, f"{request_id}-{i}", text),
                            len(ids)) for i, (text, ids) in enumerate(prompts)]
 
+    def _sse(self, chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
+        return sse(chunks, self.cut)
+
     # ---- completions ------------------------------------------------------------------
+    def _completion_options(self, req: CompletionRequest) -> tuple[int, bool]:
+        """(max_tokens for the engine, whether to drop the generated tokens)."""
+        if req.suffix:
+            raise OpenAIError("suffix (insertion) is not supported by this server",
+                              param="suffix")
+        if req.best_of not in (None, req.n):
+            raise OpenAIError("best_of other than n is not supported by this server",
+                              param="best_of")
+        if req.echo and req.stream and req.logprobs is not None:
+            raise OpenAIError("echo with logprobs is not supported with stream=true (the "
+                              "prompt's logprobs come with the whole output); set stream "
+                              "to false", param="echo")
+        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        if max_tokens > 0:
+            return max_tokens, False
+        if not req.echo or req.stream:
+            raise OpenAIError("max_tokens=0 generates nothing; use it with echo=true and "
+                              "stream=false to score the prompt", param="max_tokens")
+        if req.min_tokens:
+            raise OpenAIError("min_tokens must be 0 with max_tokens=0", param="min_tokens")
+        # Scoring: the engine needs at least one step, whose token is then dropped.
+        return 1, True
+
     async def create_completion(self, req: CompletionRequest
                                 ) -> CompletionResponse | AsyncIterator[str]:
         model = self.check_model(req.model)
-        if req.echo or req.suffix or req.logit_bias or req.best_of not in (None, req.n):
-            raise OpenAIError("echo, suffix, logit_bias and best_of are not supported")
-        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        params = self.sampling_params(req, max_tokens, req.logprobs)
-        prompts = self.completion_prompts(req.prompt)
+        self._check_limits(req)
+        max_tokens, drop_generated = self._completion_options(req)
+        prompt_lp = req.logprobs if req.echo else None
+        params = self.sampling_params(req, max_tokens, req.logprobs, prompt_lp)
+        prompts = await self.completion_prompts(req.prompt, req.add_special_tokens)
         for _, ids in prompts:
             self._check(ids, params, "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = self._start(prompts, params, request_id)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(self._completion_chunks(streams, _DeltaTracker(params), request_id, model,
-                                               include_usage))
+            echoes = [self._echo_text(p) for p in prompts] if req.echo else None
+            return self._sse(self._completion_chunks(streams, DeltaTracker(params), request_id,
+                                                     model, include_usage, echoes))
         finals = await final_outputs(streams)
-        choices = [self._completion_choice(_whole(i * params.n + o.index, o))
+        choices = [self._completion_choice(ro, whole(i * params.n + o.index, o), req.echo,
+                                           drop_generated)
                    for i, ro in enumerate(finals) for o in ro.outputs]
         return CompletionResponse(id=request_id, model=model, choices=choices,
-                                  usage=usage_of(finals))
+                                  usage=usage_of(finals, generated=not drop_generated))
+
+    def _echo_text(self, prompt: Prompt) -> str:
+        text, ids = prompt
+        if text is not None or self.engine.tokenizer is None:
+            return text or ""
+        return self.engine.decode(ids, skip_special_tokens=False)
+
+    def _completion_choice(self, ro: RequestOutput, d: Delta, echo: bool,
+                           drop_generated: bool) -> CompletionChoice:
+        """One whole choice; with echo, the prompt's text and logprobs come first."""
+        if drop_generated:
+            d.text, d.token_ids, d.logprobs = "", [], None if d.logprobs is None else []
+        if not echo:
+            return self._chunk_choice(d)
+        prefix = self._echo_text((ro.prompt, ro.prompt_token_ids))
+        lps = None
+        if d.logprobs is not None:
+            lps = completion_logprobs(ro.prompt_token_ids, ro.prompt_logprobs or [], 0,
+                                      decode=self._decode_token)
+            completion_logprobs(d.token_ids, d.logprobs, len(prefix), lps)
+        return CompletionChoice(index=d.index, text=prefix + d.text, logprobs=lps,
+                                finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+
+    def _decode_token(self, token_id: int) -> str | None:
+        if self.engine.tokenizer is None:
+            return None
+        return self.engine.decode([token_id], skip_special_tokens=False)
 
     @staticmethod
-    def _completion_choice(d: _Delta) -> CompletionChoice:
-        lps = None if d.logprobs is None else completion_logprobs(d.token_ids, d.logprobs,
-                                                                 d.text_offset)
+    def _chunk_choice(d: Delta, prefix: str = "") -> CompletionChoice:
+        lps: CompletionLogprobs | None = None
+        if d.logprobs is not None:
+            lps = completion_logprobs(d.token_ids, d.logprobs, d.text_offset + len(prefix))
         return CompletionChoice(index=d.index, text=d.text, logprobs=lps,
                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason)
 
-    async def _completion_chunks(self, streams: list[Stream], tracker: _DeltaTracker,
-                                 request_id: str, model: str, include_usage: bool
-                                 ) -> AsyncIterator[CompletionResponse]:
+    async def _completion_chunks(self, streams: list[Stream], tracker: DeltaTracker,
+                                 request_id: str, model: str, include_usage: bool,
+                                 echoes: list[str] | None) -> AsyncIterator[CompletionResponse]:
+        for i, text in enumerate(echoes or ()):
+            for k in range(tracker.n):
+                yield CompletionResponse(id=request_id, model=model, choices=[
+                    CompletionChoice(index=i * tracker.n + k, text=text)])
         async with aclosing(merge_streams(streams)) as merged:
             async for i, ro in merged:
+                prefix = echoes[i] if echoes else ""
                 for d in tracker.deltas(i, ro):
                     yield CompletionResponse(id=request_id, model=model,
-                                             choices=[self._completion_choice(d)])
+                                             choices=[self._chunk_choice(d, prefix)])
         if include_usage:
             yield CompletionResponse(id=request_id, model=model, choices=[],
                                      usage=tracker.usage)
@@ -341,7 +260,9 @@ class OpenAIServing:
         model = self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        text, ids = self.chat_prompt(req.messages, req.add_generation_prompt)
+        self._check_limits(req)  # before the (possibly long) template and tokenization
+        text, ids = await self.chat_prompt(req.messages, req.add_generation_prompt,
+                                           req.add_special_tokens)
         max_tokens = req.max_completion_tokens
         if max_tokens is None:
             max_tokens = req.max_tokens
@@ -354,8 +275,8 @@ class OpenAIServing:
         streams = self._start([(text, ids)], params, request_id)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(self._chat_chunks(streams[0], _DeltaTracker(params), request_id, model, top,
-                                         include_usage))
+            return self._sse(self._chat_chunks(streams[0], DeltaTracker(params), request_id,
+                                               model, top, include_usage))
         ro = (await final_outputs(streams))[0]
         choices = []
         for o in ro.outputs:
@@ -366,7 +287,7 @@ class OpenAIServing:
         return ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                       usage=usage_of([ro]))
 
-    async def _chat_chunks(self, stream: Stream, tracker: _DeltaTracker, request_id: str,
+    async def _chat_chunks(self, stream: Stream, tracker: DeltaTracker, request_id: str,
                            model: str, top: int, include_usage: bool
                            ) -> AsyncIterator[ChatCompletionChunk]:
         for index in range(tracker.n):
