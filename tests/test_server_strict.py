@@ -472,3 +472,84 @@ def test_health_is_503_while_a_step_runs_past_the_hang_timeout(llama_dir: Path,
         finally:
             slow.join(60)
         assert httpx.get(f"{s.url}/health", timeout=5).status_code == 200  # progress again
+
+
+# ---- logit_bias and structured outputs through the server ----------------------------------
+
+def _banned_offline(model: Path, token: int) -> Any:
+    with make_llm(model) as llm:
+        return llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(
+            temperature=0, max_tokens=6, ignore_eos=True, logit_bias={token: -100}),
+            use_tqdm=False)[0].outputs[0]
+
+
+def test_logit_bias_forces_and_bans_a_token(server: Server, llama_dir: Path) -> None:
+    body = {**GOOD, "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 1.0, "seed": 3,
+            "logprobs": 0}
+    forced = _post(server, "/v1/completions", {**body, "logit_bias": {"42": 100}}).json()
+    tokens = forced["choices"][0]["logprobs"]["tokens"]
+    assert len(set(tokens)) == 1, tokens  # every sampled token is token 42
+    with make_llm(llama_dir) as llm:  # the server's weights: its greedy tokens, by id
+        greedy_ids = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(
+            temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    first = greedy_ids.token_ids[0]
+    out = _post(server, "/v1/completions", {**body, "temperature": 0,
+                                            "logit_bias": {str(first): -100}}).json()
+    free = _post(server, "/v1/completions", {**body, "temperature": 0}).json()
+    assert free["choices"][0]["text"] == greedy_ids.text  # the same model as offline
+    assert out["choices"][0]["text"] != greedy_ids.text
+    offline = _banned_offline(llama_dir, first)
+    assert first not in offline.token_ids and out["choices"][0]["text"] == offline.text
+    for bad in ({"42": 101}, {"99999": 1}, {"x": 1}):
+        assert _post(server, "/v1/completions", {**body, "logit_bias": bad}).status_code == 400
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                 "maximum": 99},
+                                           "ok": {"type": "boolean"}},
+          "required": ["n", "ok"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("extra", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+    {"guided_json": SCHEMA}, {"structured_outputs": {"json": SCHEMA}}])
+def test_json_schema_output_validates(server: Server, extra: dict[str, Any]) -> None:
+    import jsonschema
+
+    r = _post(server, "/v1/chat/completions", {**CHAT, "max_tokens": 150, "temperature": 1.0,
+                                               "seed": 1, **extra})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+    assert choice["finish_reason"] == "stop"
+
+
+def test_json_object_regex_and_choice_hold(server: Server) -> None:
+    import re
+
+    obj = _post(server, "/v1/completions", {**GOOD, "max_tokens": 60, "temperature": 1.0,
+                                            "seed": 2,
+                                            "response_format": {"type": "json_object"}})
+    assert obj.status_code == 200, obj.text
+    text = obj.json()["choices"][0]["text"]
+    if obj.json()["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(text), dict)
+    regex = _post(server, "/v1/completions", {**GOOD, "max_tokens": 20, "temperature": 1.0,
+                                              "guided_regex": "[a-c]{3}-[0-9]{2}"}).json()
+    assert re.fullmatch("[a-c]{3}-[0-9]{2}", regex["choices"][0]["text"])
+    choice = _post(server, "/v1/completions", {**GOOD, "max_tokens": 20,
+                                               "guided_choice": ["yes", "no"]}).json()
+    assert choice["choices"][0]["text"] in ("yes", "no")
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"guided_json": {"type": "foo"}}, "guided_json"),
+    ({"guided_regex": "("}, "guided_regex"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, None),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, None)])
+def test_bad_structured_outputs_get_400(server: Server, extra: dict[str, Any],
+                                        param: str | None) -> None:
+    r = _post(server, "/v1/completions", {**GOOD, **extra})
+    assert r.status_code == 400, r.text
+    _next_one_succeeds(server)

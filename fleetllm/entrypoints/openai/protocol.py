@@ -31,13 +31,12 @@ INT32_MAX = 2**31 - 1
 # request that sets one (to anything but null or an empty value) gets 400 naming it. Remove a
 # name here when it is implemented, and declare the field on the request model.
 NOT_SUPPORTED_YET = frozenset({
-    "response_format", "logit_bias", "tools", "tool_choice", "parallel_tool_calls",
+    "tools", "tool_choice", "parallel_tool_calls",
     "functions", "function_call",  # OpenAI's deprecated form of tools
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
     "tool_calls", "tool_call_id",  # in messages
 })
 # Values that ask for what the server does anyway: sent by clients that fill in defaults.
-_DEFAULT_VALUES: dict[str, Any] = {"response_format": {"type": "text"}, "tool_choice": "none"}
+_DEFAULT_VALUES: dict[str, Any] = {"tool_choice": "none"}
 
 
 def _encodable(text: str) -> str:
@@ -128,6 +127,31 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(RequestModel):
+    name: Text | None = None
+    description: Text | None = None
+    schema_: dict[str, Any] | bool = Field(alias="schema")
+    strict: bool | None = None
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(RequestModel):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+    model_config = ConfigDict(populate_by_name=True)
+
+
 class SamplingRequest(RequestModel):
     """The fields completions and chat share; ranges the engine knows are checked there."""
 
@@ -152,6 +176,15 @@ class SamplingRequest(RequestModel):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[Text, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100], added to its logit")
+    # Structured outputs: OpenAI's response_format, or vLLM's fields (at most one).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
 
 # Examples in the schema (conformance tools send them first): streams, scoring, chat.

@@ -14,6 +14,7 @@ import jinja2
 from fleetllm.engine.async_llm import AsyncLLM
 from fleetllm.engine.output import RequestOutput
 from fleetllm.sampling_params import SamplingParams
+from fleetllm.structured.params import StructuredOutputsParams
 
 from .defaults import DEFAULT_MAX_N
 from .errors import OpenAIError
@@ -104,7 +105,8 @@ class OpenAIServing:
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs,
+                prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias,
+                structured_outputs=_structured(req),
                 **{k: v for k, v in overrides.items() if v is not None})
         except (ValueError, TypeError) as e:
             raise _invalid(e) from e
@@ -304,3 +306,32 @@ class OpenAIServing:
         if include_usage:
             yield ChatCompletionChunk(id=request_id, model=model, choices=[],
                                       usage=tracker.usage)
+
+
+def _structured(req: SamplingRequest) -> StructuredOutputsParams | None:
+    """The one constraint a request asks for (response_format, structured_outputs or a
+    guided_* field), as StructuredOutputsParams; two of them are a 400."""
+    asked: dict[str, StructuredOutputsParams] = {}
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        asked["response_format"] = StructuredOutputsParams(json_object=True)
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise OpenAIError("response_format of type json_schema needs a json_schema",
+                              param="response_format")
+        asked["response_format"] = StructuredOutputsParams(json=fmt.json_schema.schema_)
+    if req.structured_outputs is not None:
+        so = req.structured_outputs
+        asked["structured_outputs"] = StructuredOutputsParams(
+            json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+            json_object=so.json_object, disable_any_whitespace=so.disable_any_whitespace)
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"),
+                       ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        value = getattr(req, name)
+        if value is not None:
+            asked[name] = StructuredOutputsParams(**{kind: value})
+    if len(asked) > 1:
+        raise OpenAIError(f"ask for one output constraint, not {sorted(asked)}",
+                          param=sorted(asked)[1])
+    return next(iter(asked.values()), None)
+
