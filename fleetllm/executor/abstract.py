@@ -285,3 +285,28 @@ class Executor(ABC):
                     time.perf_counter() - start)
         self.sleeping_tags = set() if not tags else self.sleeping_tags - set(tags)
         self.is_sleeping = bool(self.sleeping_tags)
+
+
+class WorkerGroupExecutor(Executor):
+    """The executors whose workers live in other processes (mp, Ray): every call goes
+    through the one call table, and the worker group can be restarted."""
+
+    supports_pp = True
+    can_restart = True
+
+    @property
+    def execute_model_reply_rank(self) -> int:
+        return self.output_rank
+
+    def _before_call(self) -> None:
+        """A backend's own check before each call (Ray: that its session still exists)."""
+
+    def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
+                       args: tuple = (), kwargs: dict[str, Any] | None = None,
+                       non_block: bool = False, return_exceptions: bool = False,
+                       unique_reply_rank: int | None = None,
+                       hang_timeout: float | None = None) -> list[Any]:
+        self._before_call()
+        return self.table.collective_rpc(method, timeout, args, kwargs, non_block,
+                                         return_exceptions, unique_reply_rank, hang_timeout)
+

@@ -18,11 +18,10 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from fleetllm.errors import WorkerCrashedError
-from fleetllm.executor.abstract import Executor
+from fleetllm.executor.abstract import WorkerGroupExecutor
 from fleetllm.executor.calls import CallTable, Reply
 from fleetllm.executor.shm_queue import MessageQueue, reclaim_orphan
 from fleetllm.executor.worker_proc import SHUTDOWN, worker_main
@@ -236,9 +235,7 @@ def _monitor_workers(procs: list[multiprocessing.process.BaseProcess],
             table.rank_died(rank, f"(pid {proc.pid}) died with exit code {proc.exitcode}")
 
 
-class MultiprocExecutor(Executor):
-    supports_pp = True
-    can_restart = True
+class MultiprocExecutor(WorkerGroupExecutor):
 
     def _init_executor(self) -> None:
         self.world_size = self.parallel_config.world_size
@@ -275,19 +272,6 @@ class MultiprocExecutor(Executor):
         group = self._new_group()
         self.table.reset(group)
         self._start(group)
-
-    # ---- calls ------------------------------------------------------------------------
-    @property
-    def execute_model_reply_rank(self) -> int:
-        return self.output_rank
-
-    def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
-                       args: tuple = (), kwargs: dict[str, Any] | None = None,
-                       non_block: bool = False, return_exceptions: bool = False,
-                       unique_reply_rank: int | None = None,
-                       hang_timeout: float | None = None) -> list[Any]:
-        return self.table.collective_rpc(method, timeout, args, kwargs, non_block,
-                                         return_exceptions, unique_reply_rank, hang_timeout)
 
     # ---- health and shutdown ----------------------------------------------------------
     def check_health(self) -> None:

@@ -32,7 +32,7 @@ import torch
 from fleetllm.config import EngineConfig
 from fleetllm.errors import CommunicationTimeoutError, ConfigurationError, WorkerCrashedError
 from fleetllm.executor import rpc
-from fleetllm.executor.abstract import Executor
+from fleetllm.executor.abstract import WorkerGroupExecutor
 from fleetllm.executor.calls import CallTable, Reply
 from fleetllm.executor.multiproc import WORKER_CLS, get_open_port
 from fleetllm.executor.ray_placement import create_groups
@@ -271,10 +271,8 @@ def _why(error: BaseException) -> str:
     return str(error).strip().splitlines()[-1].split(". ")[0].rstrip(".")
 
 
-class RayDistributedExecutor(Executor):
+class RayDistributedExecutor(WorkerGroupExecutor):
     uses_ray = True
-    supports_pp = True
-    can_restart = True
 
     def _init_executor(self) -> None:
         self.world_size = self.parallel_config.world_size
@@ -365,19 +363,8 @@ class RayDistributedExecutor(Executor):
     def _on_cuda(self) -> bool:
         return self.device_config.device == "cuda"
 
-    # ---- calls ------------------------------------------------------------------------
-    @property
-    def execute_model_reply_rank(self) -> int:
-        return self.output_rank
-
-    def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
-                       args: tuple = (), kwargs: dict[str, Any] | None = None,
-                       non_block: bool = False, return_exceptions: bool = False,
-                       unique_reply_rank: int | None = None,
-                       hang_timeout: float | None = None) -> list[Any]:
+    def _before_call(self) -> None:
         self._check_session()
-        return self.table.collective_rpc(method, timeout, args, kwargs, non_block,
-                                         return_exceptions, unique_reply_rank, hang_timeout)
 
     def _check_session(self) -> None:
         if not self.table.closed and not ray.is_initialized():
