@@ -302,3 +302,17 @@ def test_default_kv_cache_fits_the_model_and_says_why(llama_dir, caplog):
         assert len(explicit.engine_core.scheduler.kv.pool.blocks) > 21
     finally:
         explicit.shutdown()
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"max_worker_restarts": -1}, "max_worker_restarts"),
+    ({"max_worker_restarts": "3"}, "max_worker_restarts"),
+    ({"execute_model_timeout_s": 0}, "execute_model_timeout_s"),
+    ({"execute_model_timeout_s": float("inf")}, "execute_model_timeout_s"),
+    ({"worker_extension_cls": "nodots"}, "worker_extension_cls"),
+    ({"ray_placement": "scatter"}, "ray_placement")])
+def test_bad_recovery_and_placement_args_name_the_field(llama_dir, kwargs, name):
+    from fleetllm.config import EngineArgs
+
+    with pytest.raises(ConfigurationError, match=rf"\[E005\] {name}="):
+        EngineArgs(model=str(llama_dir), **kwargs).create_engine_config()
