@@ -40,5 +40,13 @@ class EngineRestartingError(RuntimeError):
     died; the engine is being restarted. Requests are re-sent; utility calls are not."""
 
 
+class ScaleError(RuntimeError):
+    """A scale of the data-parallel fleet failed; the fleet is as it was before."""
+
+
+class ScaleInProgressError(RuntimeError):
+    """Another scale of the fleet is under way (HTTP 409)."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine hit an unrecoverable error; create a new LLM to continue."""

@@ -12,7 +12,7 @@ from fleetllm import SamplingParams
 from fleetllm.config import EngineArgs
 from fleetllm.engine.client import SyncMPClient
 from fleetllm.engine.launch import EngineConnection, launch_core_engines
-from fleetllm.sched.request import Request
+from fleetllm.engine.messages import EngineCoreRequest
 from tests.helpers import generate_ids, make_llm, random_prompts
 
 KV = 1 << 24
@@ -52,7 +52,7 @@ def test_a_front_end_sees_the_load_another_one_sent(llama_dir: Path) -> None:
         short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         prompt = random_prompts((8,))[0]
         for k, params in enumerate([long, short, long, short]):
-            a.add_request(Request(f"a{k}", prompt, params))
+            a.add_request(EngineCoreRequest(f"a{k}", prompt, params, []))
         assert [a.requests[f"a{k}"].engine for k in range(4)] == [0, 1, 0, 1]
         _drive_until(a, {"a1", "a3"})
         deadline = time.monotonic() + 10
@@ -64,7 +64,7 @@ def test_a_front_end_sees_the_load_another_one_sent(llama_dir: Path) -> None:
             assert time.monotonic() < deadline, snap
             time.sleep(0.02)
         for k in range(2):
-            b.add_request(Request(f"b{k}", prompt, short))
+            b.add_request(EngineCoreRequest(f"b{k}", prompt, short, []))
         assert [b.requests[f"b{k}"].engine for k in range(2)] == [1, 1], (
             b.loads.snapshot, time.monotonic() - deadline)
         _drive_until(b, {"b0", "b1"})

@@ -20,7 +20,14 @@ import zmq
 import zmq.asyncio
 
 from fleetllm.config import EngineArgs, EngineConfig
-from fleetllm.engine.client import SyncMPClient, check_utility_results
+from fleetllm.distributed.reconfigure import ReconfigureRankType
+from fleetllm.engine.client import (
+    DRAIN_TIMEOUT_S,
+    RETIRE_WAIT_S,
+    SCALE_TIMEOUT_S,
+    SyncMPClient,
+    check_utility_results,
+)
 from fleetllm.engine.inputs import (
     check_params,
     check_prompt,
@@ -31,6 +38,7 @@ from fleetllm.engine.inputs import (
 from fleetllm.engine.launch import EngineConnection
 from fleetllm.engine.messages import EngineCoreRequestType, UtilityCall, UtilityResult
 from fleetllm.engine.output import CompletionOutput, OutputProcessor, RequestOutput
+from fleetllm.engine.protocol import forward_engine_methods_async
 from fleetllm.engine.tokenizer import Tokenizer
 from fleetllm.errors import EngineDeadError
 from fleetllm.sampling_params import SamplingParams
@@ -40,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 # While an engine is not live yet, how often to look for its registration.
 REGISTRATION_POLL_S = 0.05
+DRAIN_POLL_S = 0.05  # how often a scale-down looks whether its engines have drained
 
 
 class _AsyncMPClient(SyncMPClient):
@@ -135,18 +144,21 @@ class _AsyncMPClient(SyncMPClient):
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
 
-    async def call_utility_async(self, method: str, *args: Any) -> list[Any]:
-        """Calls an EngineCore method on every engine; one result per engine. Fails with
-        EngineRestartingError if an engine is down or dies meanwhile (no retry)."""
+    async def call_utility_async(self, method: str, *args: Any,
+                                 indexes: list[int] | None = None) -> list[Any]:
+        """Calls an EngineCore method on every engine (or those of `indexes`); one result
+        per engine. Fails with EngineRestartingError if an engine is down or dies meanwhile
+        (no retry)."""
         self.start()
         self._poll_events()
         self._check_alive()
         self._check_all_live(method)
-        call_ids = [next(self._call_ids) for _ in self.engines]
+        engines = self._targets(indexes)
+        call_ids = [next(self._call_ids) for _ in engines]
         futures = [self._loop.create_future() for _ in call_ids]
         self._futures.update(zip(call_ids, futures))
         try:
-            for call_id, engine in zip(call_ids, self.engines):
+            for call_id, engine in zip(call_ids, engines):
                 self._pending_calls[call_id] = engine.index
                 self._send(engine.index, EngineCoreRequestType.UTILITY,
                            self.encoder.encode(UtilityCall(call_id, method, list(args))))
@@ -159,6 +171,40 @@ class _AsyncMPClient(SyncMPClient):
         if failed:
             raise failed[0]
         return check_utility_results(method, results)
+
+    async def scale_data_parallel_async(self, new_size: int, drain_timeout: float,
+                                        timeout_s: float = SCALE_TIMEOUT_S) -> None:
+        """SyncMPClient.scale_data_parallel from the event loop: engines start and stop in
+        a thread, while requests keep streaming."""
+        self.start()
+        old = self._begin_scale(new_size)
+        try:
+            if new_size > old:
+                indexes, epoch = await asyncio.to_thread(self.proc_manager.add_engines,
+                                                         new_size - old, timeout_s)
+                self._add_links(indexes, epoch)
+                self._on_events()  # looks for their registrations until they are live
+                while not all(self.engines[i].live for i in indexes):
+                    await asyncio.sleep(REGISTRATION_POLL_S)
+                    self._check_alive()
+            elif new_size < old:
+                retiring = list(range(new_size, old))
+                self._begin_drain(retiring)
+                deadline = time.monotonic() + drain_timeout
+                while self._on_engines(retiring) and time.monotonic() < deadline:
+                    await asyncio.sleep(DRAIN_POLL_S)
+                self._migrate(retiring)
+                await self.call_utility_async(
+                    "reinitialize_distributed", new_size,
+                    ReconfigureRankType.SHUTDOWN_CURRENT_RANK, indexes=retiring)
+                await asyncio.to_thread(self.proc_manager.retire_engines, retiring,
+                                        RETIRE_WAIT_S)
+                self._remove_links(new_size)
+            await self.call_utility_async(
+                "reinitialize_distributed", new_size, ReconfigureRankType.KEEP_CURRENT_RANK,
+                indexes=list(range(min(old, new_size))))
+        finally:
+            self._end_scale()
 
     def shutdown(self) -> None:
         if self._closed:
@@ -188,6 +234,7 @@ class _RequestState:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, False)
 
 
+@forward_engine_methods_async
 class AsyncLLM:
     """Serves many concurrent requests from one event loop (the one that first uses it)."""
 
@@ -381,6 +428,34 @@ class AsyncLLM:
         self.engine_core.start()
         await self._dead.wait()
         return self.engine_core.dead_reason or "the engine is dead"
+
+    # ---- elastic data parallel --------------------------------------------------------
+    @property
+    def data_parallel_size(self) -> int:
+        return len(self.engine_core.engines)
+
+    @property
+    def is_scaling(self) -> bool:
+        return self.engine_core.scaling
+
+    async def scale_elastic_ep(self, new_data_parallel_size: int,
+                               drain_timeout: float = DRAIN_TIMEOUT_S,
+                               startup_timeout: float = SCALE_TIMEOUT_S) -> None:
+        """Grows or shrinks the fleet while it serves (vLLM's scale_elastic_ep); raises
+        ScaleInProgressError during another scale, ScaleError if it failed (the fleet is
+        then as it was), ValueError for a bad size."""
+        self.check_health()
+        await self.engine_core.scale_data_parallel_async(new_data_parallel_size, drain_timeout,
+                                                         startup_timeout)
+
+    def engine_loads(self) -> list[tuple[int, int | None, int]]:
+        """Per engine: (index, load score as the coordinator last published it plus this
+        server's sends since, or None without a coordinator; this server's own unfinished
+        requests on it)."""
+        client = self.engine_core
+        client.loads._refresh()
+        return [(e.index, client.loads.score(e.index), client.load[e.index])
+                for e in client.engines]
 
     # ---- engine-wide ------------------------------------------------------------------
     async def get_stats(self) -> list[dict[str, float]]:

@@ -2,8 +2,8 @@
 
 SyncMPClient starts one engine-core process per data-parallel rank (or attaches to engines a
 supervisor started), sends each request to the live engine with the fewest unfinished
-requests, and reads their outputs from one socket. It offers what the offline LLM needs of
-an in-process EngineCore, so LLM works with either.
+requests, and reads their outputs from one socket. It follows the declared engine interface
+(engine/protocol.py), as an in-process EngineCore does, so LLM works with either.
 
 Recovery: the client keeps each unfinished request as first sent, plus the output tokens it
 has delivered. When its manager reports an engine dead (an EngineEvent), that engine's
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ import msgspec
 import zmq
 
 from fleetllm.config import EngineConfig
+from fleetllm.distributed.reconfigure import ReconfigureRankType
 from fleetllm.engine.coordinator import LoadView
 from fleetllm.engine.handshake import unlink_ipc
 from fleetllm.engine.launch import (
@@ -40,13 +42,17 @@ from fleetllm.engine.messages import (
     UtilityCall,
     UtilityResult,
 )
-from fleetllm.errors import EngineDeadError, EngineRestartingError
+from fleetllm.engine.protocol import EngineClientInterface, forward_engine_methods
+from fleetllm.errors import EngineDeadError, EngineRestartingError, ScaleInProgressError
 from fleetllm.sched.output import EngineCoreOutput
-from fleetllm.sched.request import Request
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_WAIT_S = 5.0
+DRAIN_TIMEOUT_S = 120.0  # vLLM's default drain_timeout for a scale-down
+SCALE_TIMEOUT_S = 120.0  # for a scale-up's engines to start
+RETIRE_WAIT_S = 10.0  # for a scaled-away engine to exit after its shutdown
+MAX_DATA_PARALLEL_SIZE = 1024
 
 
 @dataclass
@@ -66,6 +72,8 @@ class _EngineLink:
     ready: bool = True  # that start finished its handshake and has not died
     registered_epoch: int = -1  # the last start that registered on our input socket
     live: bool = False  # ready and registered: requests may be sent to it
+    draining: bool = False  # being scaled away: no new requests
+    gone: bool = False  # died and could not be restarted; the others serve without it
     error: str | None = None  # what it reported before it died
 
     @property
@@ -73,7 +81,8 @@ class _EngineLink:
         return self.index.to_bytes(2, "little")
 
 
-class SyncMPClient:
+@forward_engine_methods
+class SyncMPClient(EngineClientInterface):
     """Starts engine cores (processes, or Ray actors with data_parallel_backend="ray") and
     owns them; or, given `connection`, attaches to engines a supervisor started (each API
     server process does so with its own socket pair)."""
@@ -101,6 +110,9 @@ class SyncMPClient:
         self._pending_calls: dict[int, int] = {}  # utility call id -> engine index
         self._call_errors: dict[int, Exception] = {}
         self._call_ids = itertools.count()
+        self.scaling = False  # a scale of the fleet is under way
+        self.num_requests_migrated = 0  # moved off engines being scaled away
+        self._early_registrations: dict[int, int] = {}  # a scale-up's engines, by index
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         try:
@@ -127,7 +139,7 @@ class SyncMPClient:
             self.load = [0] * connection.num_engines
             # Every engine's load as the coordinator publishes it (dp > 1), so that with
             # several API servers each sees the others' requests too.
-            self.loads = LoadView(self.ctx, addrs.coordinator_output, connection.num_engines)
+            self.loads = LoadView(self.ctx, addrs.coordinator_output)
             self._await_registrations()
         except BaseException:
             self.shutdown()
@@ -154,19 +166,16 @@ class SyncMPClient:
         return {rid: -1 if u.engine is None else u.engine for rid, u in self.requests.items()}
 
     # ---- requests ---------------------------------------------------------------------
-    def add_request(self, req: Request) -> None:
+    def add_request(self, req: EngineCoreRequest) -> None:
         self._poll_events()
         self._check_alive()
-        prompt = req.all_token_ids[:req.num_prompt_tokens]
-        payload = EngineCoreRequest(req.request_id, prompt, req.sampling_params,
-                                    list(req.eos_token_ids), req.cache_salt)
-        self.requests[req.request_id] = _Unfinished(payload, list(req.output_token_ids))
+        self.requests[req.request_id] = _Unfinished(req, list(req.output_token_ids))
         self._dispatch([req.request_id])
 
     def _dispatch(self, request_ids: list[str]) -> None:
         """The one path that sends requests, first or again: each goes, with the tokens it
         already delivered, to the least loaded live engine; with none live, it waits."""
-        live = [e.index for e in self.engines if e.live]
+        live = [e.index for e in self.engines if e.live and not e.draining]
         resent = 0
         for rid in request_ids:
             u = self.requests[rid]
@@ -201,7 +210,9 @@ class SyncMPClient:
             self._send(index, EngineCoreRequestType.ABORT, self.encoder.encode(ids))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Also while outputs that a utility call read on the way are not taken yet (their
+        requests may have finished meanwhile)."""
+        return bool(self.requests) or bool(self._buffered)
 
     def step(self) -> list[EngineCoreOutput]:
         """The next batch of outputs from any engine (waits for one)."""
@@ -213,6 +224,8 @@ class SyncMPClient:
     def _receive(self, msg: EngineCoreOutputs) -> list[EngineCoreOutput]:
         """Takes one message from an engine: what a dead predecessor or a dying engine sent
         is dropped (its requests are re-sent); the rest is tracked and returned."""
+        if msg.engine_index >= len(self.engines):
+            return []  # a late message of an engine scaled away
         engine = self.engines[msg.engine_index]
         if msg.epoch != engine.epoch:
             return []
@@ -247,8 +260,13 @@ class SyncMPClient:
                 changed = True
         while self.dead_reason is None and hasattr(self, "input") and self.input.poll(0):
             identity, payload = self.input.recv_multipart()
-            engine = self.engines[int.from_bytes(identity, "little")]
-            engine.registered_epoch = msgspec.msgpack.decode(payload, type=int)
+            index, epoch = int.from_bytes(identity, "little"), msgspec.msgpack.decode(
+                payload, type=int)
+            if index >= len(self.engines):  # a scale-up's engine, before its link exists
+                self._early_registrations[index] = epoch
+                continue
+            engine = self.engines[index]
+            engine.registered_epoch = epoch
             self._maybe_live(engine)
             changed = True
         return changed
@@ -257,7 +275,16 @@ class SyncMPClient:
         if self.dead_reason is not None:
             return
         if event.final:
-            engine = self.engines[event.index] if event.index >= 0 else None
+            engine = self.engines[event.index] if 0 <= event.index < len(self.engines) else None
+            if engine is not None and any(not e.gone for e in self.engines if e is not engine):
+                # One engine of several is gone for good (say its node was lost, with no
+                # room elsewhere): the fleet runs smaller.
+                self._engine_died(engine, event.detail)
+                engine.gone = True
+                logger.warning("engine core %d is gone (%s); serving with the other %d",
+                               engine.index, event.detail,
+                               sum(not e.gone for e in self.engines))
+                return
             said = f"{engine.error}; " if engine is not None and engine.error else ""
             who = f"engine core {event.index}" if engine is not None else "the engine cores"
             self._fail(f"{who} died: {said}{event.detail}")
@@ -314,19 +341,21 @@ class SyncMPClient:
             raise EngineDeadError(self.dead_reason)
 
     def _check_all_live(self, method: str) -> None:
-        down = [e.index for e in self.engines if not e.live]
+        down = [e.index for e in self.engines if not e.live and not e.gone]
         if down:
             raise EngineRestartingError(
                 f"cannot run {method}: engine core(s) {down} died and are being restarted; "
                 "call again once they are back")
 
     # ---- utility calls ----------------------------------------------------------------
-    def call_utility(self, method: str, *args: Any) -> list[Any]:
-        """Calls an EngineCore method on every engine; one result per engine."""
+    def call_utility(self, method: str, *args: Any, indexes: list[int] | None = None
+                     ) -> list[Any]:
+        """Calls an EngineCore method on every engine (or those of `indexes`); one result
+        per engine."""
         self._poll_events()
         self._check_alive()
         self._check_all_live(method)
-        call_ids = self._send_utility(method, args)
+        call_ids = self._send_utility(method, args, indexes)
         try:
             while not all(c in self._results for c in call_ids):
                 failed = [self._call_errors[c] for c in call_ids if c in self._call_errors]
@@ -340,15 +369,21 @@ class SyncMPClient:
             results = [self._results.pop(c, None) for c in call_ids]
         return check_utility_results(method, results)
 
-    def _send_utility(self, method: str, args: tuple) -> list[int]:
+    def _send_utility(self, method: str, args: tuple, indexes: list[int] | None = None
+                      ) -> list[int]:
         call_ids = []
-        for engine in self.engines:
+        for engine in self._targets(indexes):
             call_id = next(self._call_ids)
             call_ids.append(call_id)
             self._pending_calls[call_id] = engine.index
             self._send(engine.index, EngineCoreRequestType.UTILITY,
                        self.encoder.encode(UtilityCall(call_id, method, list(args))))
         return call_ids
+
+    def _targets(self, indexes: list[int] | None) -> list[_EngineLink]:
+        """The engines a utility call goes to: all, or those of indexes; never one gone."""
+        engines = self.engines if indexes is None else [self.engines[i] for i in indexes]
+        return [e for e in engines if not e.gone]
 
     def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
                        kwargs: dict[str, Any] | None = None) -> list[Any]:
@@ -358,28 +393,92 @@ class SyncMPClient:
         per_engine = self.call_utility("collective_rpc", method, timeout, list(args), kwargs)
         return [r for engine_results in per_engine for r in engine_results]
 
-    def reset_prefix_cache(self) -> bool:
-        return all(self.call_utility("reset_prefix_cache"))
+    # ---- elastic data parallel ---------------------------------------------------------
+    def scale_data_parallel(self, new_size: int, drain_timeout: float = DRAIN_TIMEOUT_S,
+                            timeout_s: float = SCALE_TIMEOUT_S) -> None:
+        """Grows or shrinks the fleet to new_size engines while it serves. Scale-down
+        stops routing to the highest engines, lets their requests finish for up to
+        drain_timeout seconds, moves the rest (prompt plus delivered tokens) to the others,
+        and ends them. A failed scale leaves the fleet as it was (ScaleError)."""
+        old = self._begin_scale(new_size)
+        try:
+            if new_size > old:
+                indexes, epoch = self.proc_manager.add_engines(new_size - old, timeout_s)
+                self._add_links(indexes, epoch)
+                self._await_registrations()
+            elif new_size < old:
+                retiring = list(range(new_size, old))
+                self._begin_drain(retiring)
+                deadline = time.monotonic() + drain_timeout
+                while self._on_engines(retiring) and time.monotonic() < deadline:
+                    self._buffered.extend(self._recv())
+                self._migrate(retiring)
+                self.call_utility("reinitialize_distributed", new_size,
+                                  ReconfigureRankType.SHUTDOWN_CURRENT_RANK, indexes=retiring)
+                self.proc_manager.retire_engines(retiring, RETIRE_WAIT_S)
+                self._remove_links(new_size)
+            kept = list(range(min(old, new_size)))
+            self.call_utility("reinitialize_distributed", new_size,
+                              ReconfigureRankType.KEEP_CURRENT_RANK, indexes=kept)
+        finally:
+            self._end_scale()
 
-    def sleep(self, level: int = 1) -> None:
-        self.call_utility("sleep", level)
+    def _begin_scale(self, new_size: int) -> int:
+        self._poll_events()
+        self._check_alive()
+        if isinstance(new_size, bool) or not isinstance(new_size, int) or not (
+                1 <= new_size <= MAX_DATA_PARALLEL_SIZE):
+            raise ValueError(f"new_data_parallel_size={new_size!r} must be an integer from 1 "
+                             f"to {MAX_DATA_PARALLEL_SIZE}")
+        if not self._owns_engines or not hasattr(self.proc_manager, "add_engines"):
+            raise ValueError("this front end does not own its engines (several API servers "
+                             "share them); scaling needs --api-server-count 1")
+        if self.scaling:
+            raise ScaleInProgressError("a scale of the fleet is under way; wait for it "
+                                       "(GET /is_scaling_elastic_ep) and try again")
+        self._check_all_live("a scale")
+        self.scaling = True
+        return len(self.engines)
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        self.call_utility("wake_up", tags)
+    def _end_scale(self) -> None:
+        for engine in self.engines:  # a failed scale-down keeps its engines serving
+            engine.draining = False
+        self.scaling = False
 
-    def stats(self) -> dict[str, float]:
-        merged: dict[str, float] = {}
-        for s in self.call_utility("stats"):
-            for k, v in s.items():
-                merged[k] = merged.get(k, 0) + v
-        return merged
+    def _add_links(self, indexes: list[int], epoch: int) -> None:
+        for index in indexes:
+            engine = _EngineLink(index, epoch=epoch)
+            engine.registered_epoch = self._early_registrations.pop(index, -1)
+            self.engines.append(engine)
+            self.load.append(0)
+            self._maybe_live(engine)
 
-    def get_performance_metrics(self) -> list[dict[str, Any]]:
-        return self.call_utility("get_performance_metrics")
+    def _begin_drain(self, indexes: list[int]) -> None:
+        for index in indexes:
+            self.engines[index].draining = True
 
-    def save_sharded_state(self, path: str, pattern: str | None = None,
-                           max_size: int | None = None) -> None:
-        self.call_utility("save_sharded_state", path, pattern, max_size)
+    def _on_engines(self, indexes: list[int]) -> int:
+        return sum(1 for u in self.requests.values() if u.engine in indexes)
+
+    def _migrate(self, indexes: list[int]) -> None:
+        """Moves what the drain left on the engines of indexes to the others, as a dead
+        engine's requests are moved: prompt plus the tokens delivered so far."""
+        by_engine: dict[int, list[str]] = {}
+        for rid, u in self.requests.items():
+            if u.engine in indexes:
+                by_engine.setdefault(u.engine, []).append(rid)
+        for index, ids in by_engine.items():
+            self._send(index, EngineCoreRequestType.ABORT, self.encoder.encode(ids))
+            self.load[index] -= len(ids)
+        moved = [rid for ids in by_engine.values() for rid in ids]
+        if moved:
+            logger.info("moving %d request(s) off engine core(s) %s", len(moved), indexes)
+            self.num_requests_migrated += len(moved)
+            self._dispatch(moved)
+
+    def _remove_links(self, new_size: int) -> None:
+        del self.engines[new_size:]
+        del self.load[new_size:]
 
     # ---- plumbing ---------------------------------------------------------------------
     def _send(self, index: int, kind: EngineCoreRequestType, payload: bytes) -> None:

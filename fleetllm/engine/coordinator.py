@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 LOAD_REPORT_S = 0.1  # engines report at most this often while they run steps
 HEARTBEAT_S = 1.0  # and at least this often, so a restarted coordinator learns the table
 WAITING_WEIGHT = 4  # a waiting request costs more than a running one: it needs a prefill
+MAX_ENGINES = 4096  # a report from a higher index is not an engine of ours
 
 
 class EngineLoad(msgspec.Struct, array_like=True):
@@ -73,7 +74,10 @@ def run_coordinator(input_address: str, output_address: str, num_engines: int) -
                 continue
             while pull.poll(0):
                 load = decoder.decode(pull.recv())
-                if 0 <= load.engine_index < num_engines:
+                if 0 <= load.engine_index < MAX_ENGINES:
+                    grow = load.engine_index + 1 - len(snapshot.waiting)  # a scale-up's
+                    snapshot.waiting.extend([0] * grow)
+                    snapshot.running.extend([0] * grow)
                     snapshot.waiting[load.engine_index] = load.waiting
                     snapshot.running[load.engine_index] = load.running
             snapshot.seq += 1
@@ -121,7 +125,7 @@ class LoadReporter:
 class LoadView:
     """An API server's side: the last snapshot plus its own sends since it arrived."""
 
-    def __init__(self, ctx: zmq.Context, address: str | None, num_engines: int) -> None:
+    def __init__(self, ctx: zmq.Context, address: str | None) -> None:
         self.sock: zmq.Socket | None = None
         if address is not None:
             self.sock = ctx.socket(zmq.SUB)
@@ -129,27 +133,34 @@ class LoadView:
             self.sock.setsockopt(zmq.SUBSCRIBE, b"")
             self.sock.connect(address)
         self.snapshot: LoadSnapshot | None = None
-        self.sent_since = [0] * num_engines
+        self.sent_since: dict[int, int] = {}
         self._decoder = msgspec.msgpack.Decoder(LoadSnapshot)
 
     def _refresh(self) -> None:
         while self.sock is not None and self.sock.poll(0):
-            snapshot = self._decoder.decode(self.sock.recv())
-            if len(snapshot.waiting) == len(self.sent_since):
-                self.snapshot = snapshot
-                self.sent_since = [0] * len(self.sent_since)
+            self.snapshot = self._decoder.decode(self.sock.recv())
+            self.sent_since = {}
+
+    def score(self, index: int) -> int | None:
+        """Engine index's load by the last snapshot plus this server's sends since; None
+        without a snapshot that covers it (no coordinator, or an engine just added)."""
+        snap = self.snapshot
+        if snap is None or index >= len(snap.waiting):
+            return None
+        return load_score(snap.waiting[index], snap.running[index]) + self.sent_since.get(
+            index, 0)
 
     def choose(self, live: list[int], own_load: list[int]) -> int:
-        """The live engine to send the next request to."""
+        """The live engine to send the next request to: by the published loads where the
+        snapshot covers every live engine, else by what this server itself sent."""
         self._refresh()
-        snap = self.snapshot
-        if snap is None:  # no coordinator (yet): what this server itself sent
+        scores = [self.score(i) for i in live]
+        if None in scores:
             return min(live, key=own_load.__getitem__)
-        return min(live, key=lambda i: (load_score(snap.waiting[i], snap.running[i])
-                                        + self.sent_since[i], own_load[i]))
+        return min(zip(scores, live), key=lambda s: (s[0], own_load[s[1]]))[1]
 
     def sent(self, index: int) -> None:
-        self.sent_since[index] += 1
+        self.sent_since[index] = self.sent_since.get(index, 0) + 1
 
     def close(self) -> None:
         if self.sock is not None:

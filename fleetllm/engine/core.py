@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -25,6 +26,14 @@ from typing import Any
 import torch
 
 from fleetllm.config import RESTART_WINDOW_S, EngineConfig
+from fleetllm.distributed.reconfigure import (
+    SHARED_CORES_ENV,
+    ReconfigureDistributedRequest,
+    ReconfigureRankType,
+    threads_per_rank,
+)
+from fleetllm.engine.messages import EngineCoreRequest
+from fleetllm.engine.protocol import EngineClientInterface
 from fleetllm.engine.restart import RestartBudget
 from fleetllm.errors import (
     ConfigurationError,
@@ -44,7 +53,10 @@ GROW_AFTER_STEPS = 100  # good steps after an out-of-memory step before the limi
 OOM_ERRORS = (OutOfMemoryError, MemoryError, torch.OutOfMemoryError)
 
 
-class EngineCore:
+class EngineCore(EngineClientInterface):
+    """The scheduler and the executor's step loop; implements every declared engine method
+    (engine/protocol.py)."""
+
     def __init__(self, config: EngineConfig, executor_class: type[Executor] | None = None) -> None:
         start = time.perf_counter()
         executor_class = executor_class or Executor.get_class(config)
@@ -93,9 +105,11 @@ class EngineCore:
                     max_len, usable / max_len)
         return num_blocks
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: EngineCoreRequest) -> None:
         self.check_accepting()
-        self.scheduler.add_request(request)
+        self.scheduler.add_request(Request(
+            request.request_id, request.prompt_token_ids, request.sampling_params,
+            tuple(request.eos_token_ids), request.cache_salt, request.output_token_ids))
 
     def check_accepting(self) -> None:
         """Raises, before anything is queued, if a request could not run now."""
@@ -246,6 +260,24 @@ class EngineCore:
     def save_sharded_state(self, path: str, pattern: str | None = None,
                            max_size: int | None = None) -> None:
         self.executor.save_sharded_state(path, pattern, max_size)
+
+    def reinitialize_distributed(self, new_data_parallel_size: int,
+                                 new_data_parallel_rank: int = -1) -> None:
+        if new_data_parallel_size < 1:
+            raise ValueError(f"new_data_parallel_size={new_data_parallel_size} must be >= 1")
+        shutdown = new_data_parallel_rank == ReconfigureRankType.SHUTDOWN_CURRENT_RANK
+        if shutdown and self.scheduler.has_unfinished_requests():
+            raise RuntimeError("cannot shut this engine down with requests in flight; move "
+                               "or finish them first")
+        pc = self.config.parallel_config
+        threads = None
+        if os.environ.get(SHARED_CORES_ENV) and self.config.device_config.device == "cpu":
+            threads = threads_per_rank(new_data_parallel_size, pc.world_size)
+            os.environ["OMP_NUM_THREADS"] = str(threads)  # for workers started after this
+        self.executor.reinitialize_distributed(ReconfigureDistributedRequest(
+            new_data_parallel_size, new_data_parallel_rank, num_threads=threads))
+        if shutdown:
+            self.dead_reason = "shut down by a scale-down (reinitialize_distributed)"
 
     def stats(self) -> dict[str, float]:
         return {**self.scheduler.stats(), "num_worker_restarts": self.num_worker_restarts,

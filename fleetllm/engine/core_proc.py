@@ -18,6 +18,7 @@ import torch
 import zmq
 
 from fleetllm.config import EngineConfig
+from fleetllm.distributed.reconfigure import SHARED_CORES_ENV, threads_per_rank
 from fleetllm.engine.coordinator import LoadReporter
 from fleetllm.engine.core import EngineCore
 from fleetllm.engine.messages import (
@@ -29,17 +30,14 @@ from fleetllm.engine.messages import (
     UtilityCall,
     UtilityResult,
 )
+from fleetllm.engine.protocol import ENGINE_METHODS
 from fleetllm.sched.output import EngineCoreOutput
-from fleetllm.sched.request import Request
 
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_MS = 60_000
 IDLE_POLL_MS = 500  # how often an idle engine checks that its parent is alive
-UTILITY_METHODS = frozenset({
-    "reset_prefix_cache", "sleep", "wake_up", "is_sleeping", "collective_rpc", "stats",
-    "get_performance_metrics", "save_sharded_state",
-})
+UTILITY_METHODS = frozenset(ENGINE_METHODS)  # the declared interface, nothing else
 
 
 class EngineCoreProc:
@@ -171,9 +169,7 @@ class EngineCoreProc:
             r = self.request_decoder.decode(payload)
             self.client_of[r.request_id] = client
             try:
-                self.core.add_request(Request(r.request_id, r.prompt_token_ids,
-                                              r.sampling_params, tuple(r.eos_token_ids),
-                                              r.cache_salt, r.output_token_ids))
+                self.core.add_request(r)
             except (RuntimeError, ValueError) as e:  # this request fails, not the engine
                 self._send_outputs([EngineCoreOutput(r.request_id, [], finish_reason="error",
                                                      error=str(e))])
@@ -188,6 +184,9 @@ class EngineCoreProc:
                 return False
             self._send(client, EngineCoreOutputs(self.engine_index, utility_results=[
                 self._utility(call)], stats=self.core.stats()))
+            if call.method == "reinitialize_distributed" and self.core.dead_reason:
+                logger.info("this engine was scaled away; exiting")
+                return False  # told SHUTDOWN_CURRENT_RANK: its executor has ended
         return True
 
     def _utility(self, call: UtilityCall) -> UtilityResult:
@@ -224,13 +223,13 @@ def set_process_name(name: str) -> None:
 
 def _share_cores(config: EngineConfig, data_parallel_size: int) -> None:
     """Data-parallel engines on one CPU machine split its cores, unless the user chose."""
-    if data_parallel_size == 1 or "OMP_NUM_THREADS" in os.environ:
+    if "OMP_NUM_THREADS" in os.environ or config.device_config.device != "cpu":
         return
-    if config.device_config.device != "cpu":
+    # Marked even with one engine, so that a later scale-up re-splits the cores.
+    os.environ[SHARED_CORES_ENV] = "1"
+    if data_parallel_size == 1:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    threads = max(1, cores // (data_parallel_size * config.parallel_config.world_size))
+    threads = threads_per_rank(data_parallel_size, config.parallel_config.world_size)
     # Each rank's share; worker processes read the variable when they import torch.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""Turning a user's prompt and SamplingParams into engine Requests, the same way for the
+"""Turning a user's prompt and SamplingParams into typed engine requests, the same way for the
 offline LLM and the server: defaults, checks that say what to change, n > 1 copies."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from fleetllm.config import EngineConfig
+from fleetllm.engine.messages import EngineCoreRequest
 from fleetllm.sampling_params import SamplingParams
-from fleetllm.sched.request import Request
 
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -68,8 +68,10 @@ def child_request_ids(request_id: str, n: int) -> list[str]:
 
 
 def make_requests(config: EngineConfig, request_id: str, ids: list[int],
-                  params: SamplingParams, eos_token_ids: tuple[int, ...]) -> list[Request]:
-    """One Request per completion; copy k of a seeded n > 1 request uses seed + k."""
+                  params: SamplingParams, eos_token_ids: tuple[int, ...]
+                  ) -> list[EngineCoreRequest]:
+    """The typed engine requests, built once here at the front end: one per completion;
+    copy k of a seeded n > 1 request uses seed + k."""
     # Prompt logprobs need every prompt position computed, so no prefix-cache hits;
     # without prefix caching, the n copies still share their prompt's blocks.
     if params.prompt_logprobs is not None:
@@ -83,5 +85,6 @@ def make_requests(config: EngineConfig, request_id: str, ids: list[int],
         child_params = params
         if params.n > 1 and params.seed is not None:
             child_params = params.clone(seed=params.seed + i)
-        requests.append(Request(child_id, ids, child_params, eos_token_ids, salt))
+        requests.append(EngineCoreRequest(child_id, ids, child_params, list(eos_token_ids),
+                                          salt))
     return requests

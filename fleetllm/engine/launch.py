@@ -186,9 +186,20 @@ class CoreEngineProcManager(RestartingManager):
         return self.processes[index - self._start_index]
 
     def _spawn(self, index: int, handshake_address: str) -> None:
+        self._dp = self._data_parallel_size  # a scale-up's engines start with the new size
         proc = self._new_process(index, handshake_address)
         proc.start()
-        self.processes[index - self._start_index] = proc
+        slot = index - self._start_index
+        if slot == len(self.processes):
+            self.processes.append(proc)  # a scale-up's new engine
+        else:
+            self.processes[slot] = proc
+
+    def _forget(self, index: int) -> None:
+        slot = index - self._start_index
+        if slot < len(self.processes):
+            proc = self.processes.pop(slot)
+            shutdown([proc])
 
     def start_recovery(self, addresses: EngineZmqAddresses, host: str = "127.0.0.1") -> None:
         super().start_recovery(addresses, host)
@@ -205,17 +216,17 @@ class CoreEngineProcManager(RestartingManager):
             with self._lock:
                 if self._closing:
                     return
-                watched = {self._process(i).sentinel: i for i in self._indexes
-                           if self._states[i] is not EngineState.DEAD}
+                watched = {self._process(i).sentinel: (i, self._process(i))
+                           for i in self._indexes if self._states[i] is not EngineState.DEAD}
             ready = connection.wait([*watched, self._wake_r])
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
             for sentinel in ready:
                 if sentinel in watched:
-                    proc = self._process(watched[sentinel])
+                    index, proc = watched[sentinel]
                     proc.join(EXIT_CODE_WAIT_S)
                     code = -1 if proc.exitcode is None else proc.exitcode
-                    self._engine_ended(watched[sentinel], code,
+                    self._engine_ended(index, code,
                                        f"{proc.name} exited with code {code}")
 
     def close(self) -> None:

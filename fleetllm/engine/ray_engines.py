@@ -97,15 +97,19 @@ class CoreEngineActorManager(RestartingManager):
             self.close()
             raise
 
-    def _start(self, config: EngineConfig, dp: int, handshake_address: str) -> None:
-        world = config.parallel_config.world_size
+    def _groups(self, count: int, first: int, timeout_s: float) -> list[PlacementGroup]:
+        config = self._config
         bundle = {"GPU": 1.0} if config.device_config.device == "cuda" else {
             "CPU": CPUS_PER_WORKER}
         # One STRICT_PACK group per engine (it and its workers on one node); "spread"
         # gives each engine another node while there are nodes with room.
-        self.placement_groups = create_groups(
-            dp, [bundle] * world, config.parallel_config.ray_placement,
-            f"fleetllm_dp_{self._tag}_", PLACEMENT_TIMEOUT_S, "data-parallel engines")
+        return create_groups(
+            count, [bundle] * config.parallel_config.world_size,
+            config.parallel_config.ray_placement, f"fleetllm_dp_{self._tag}_{first}_",
+            timeout_s, "data-parallel engines")
+
+    def _start(self, config: EngineConfig, dp: int, handshake_address: str) -> None:
+        self.placement_groups = self._groups(dp, 0, PLACEMENT_TIMEOUT_S)
         self._here = ray.get_runtime_context().get_node_id()
         for rank in range(dp):
             actor = self._new_actor(rank, handshake_address)
@@ -141,9 +145,29 @@ class CoreEngineActorManager(RestartingManager):
         return {i for i, node in enumerate(self.engine_nodes()) if node != self._here}
 
     def _spawn(self, index: int, handshake_address: str) -> None:
-        """A new actor in the dead one's placement group (its bundle is free again)."""
+        """A new actor in the dead one's placement group (its bundle is free again), or,
+        for a scale-up, in the group _prepare_new reserved."""
         actor = self._new_actor(index, handshake_address)
-        self.actors[index], self.run_refs[index] = actor, actor.run.remote()
+        if index == len(self.actors):
+            self.actors.append(actor)
+            self.run_refs.append(actor.run.remote())
+        else:
+            self.actors[index], self.run_refs[index] = actor, actor.run.remote()
+
+    def _prepare_new(self, indexes: list[int], timeout_s: float) -> None:
+        """Reserves a group for each new engine (on nodes that joined since, too); fails,
+        reserving nothing, if the cluster has no room within timeout_s."""
+        self.placement_groups.extend(self._groups(len(indexes), indexes[0], timeout_s))
+
+    def _forget(self, index: int) -> None:
+        if index < len(self.actors):
+            try:
+                ray.kill(self.actors.pop(index))
+            except Exception:
+                logger.debug("ray.kill failed", exc_info=True)
+            self.run_refs.pop(index)
+        if index < len(self.placement_groups):
+            remove_placement_group(self.placement_groups.pop(index))
 
     def _watch(self) -> None:
         """Reports each watched actor's end once; picks up restarted actors' refs."""

@@ -22,6 +22,7 @@ from fleetllm.engine.handshake import (
     wait_for_engine_startup,
 )
 from fleetllm.engine.messages import EngineEvent, EngineZmqAddresses
+from fleetllm.errors import ScaleError
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class EngineState(enum.Enum):
     STARTING = enum.auto()
     RUNNING = enum.auto()
     DEAD = enum.auto()
+    RETIRING = enum.auto()  # scaled away: its end is expected, not a death
 
 
 class RestartingManager:
@@ -107,7 +109,7 @@ class RestartingManager:
     def _init_recovery(self, config: EngineConfig, indexes: range,
                        data_parallel_size: int) -> None:
         self._config = config
-        self._indexes = indexes
+        self._indexes = list(indexes)  # grows and shrinks with elastic scaling
         self._data_parallel_size = data_parallel_size
         self._lock = threading.Lock()
         self._events = EventQueue()
@@ -128,6 +130,100 @@ class RestartingManager:
 
     def _watch_new_engines(self) -> None:
         """Called once an engine has been spawned (the watcher may need waking)."""
+
+    def _prepare_new(self, indexes: list[int], timeout_s: float) -> None:
+        """Before a scale-up spawns engines for indexes (Ray reserves their groups)."""
+
+    def _forget(self, index: int) -> None:
+        """After a scale-down: ends what is left of engine index and drops it."""
+        raise NotImplementedError
+
+    # ---- elastic data parallel ------------------------------------------------------------
+    def add_engines(self, count: int, timeout_s: float) -> tuple[list[int], int]:
+        """Scale up: starts `count` engines with the next indexes through the handshake, with
+        the clients' addresses; returns their indexes and the epoch their outputs carry.
+        On failure (no resources, a failed start, the timeout) none of them is left and
+        ScaleError says why."""
+        with self._lock:
+            if self._addresses is None or self._closing:
+                raise ScaleError("the engines are not running (starting or shutting down)")
+            first = len(self._indexes)
+            new = list(range(first, first + count))
+            epoch = max(self._epochs.values(), default=0) + 1  # unlike any earlier engine's
+            for index in new:
+                self._states[index], self._epochs[index] = EngineState.DEAD, epoch
+            self._indexes.extend(new)
+            self._data_parallel_size = first + count
+        address = get_engine_client_zmq_addr(self._host == "127.0.0.1", self._host)
+        ctx = zmq.Context()
+        handshake = ctx.socket(zmq.ROUTER)
+        handshake.setsockopt(zmq.LINGER, 0)
+        deadline = time.monotonic() + timeout_s
+        try:
+            handshake.bind(address)
+            self._prepare_new(new, timeout_s)
+            for index in new:
+                self._spawn(index, address)
+                with self._lock:
+                    self._states[index] = EngineState.STARTING
+            self._watch_new_engines()
+            wait_for_engine_startup(
+                handshake, self._addresses, [CoreEngine(i) for i in new], self._config,
+                _RestartingEngine(self, new), max(0.1, deadline - time.monotonic()),
+                data_parallel_size=first + count, epoch=epoch, poll_ms=RESTART_POLL_PERIOD_MS,
+                remote=self.remote_engines())
+            with self._lock:
+                ended = [i for i in new if self._states[i] is not EngineState.STARTING]
+                if ended:
+                    raise RuntimeError(f"engine core(s) {ended} ended right after starting")
+                for index in new:
+                    self._states[index] = EngineState.RUNNING
+        except Exception as e:
+            self._drop(new, first)
+            raise ScaleError(f"could not start engine core(s) {new}: {e}") from e
+        finally:
+            ctx.destroy(linger=0)
+            unlink_ipc(address)
+        logger.info("scaled up to %d engine cores (new: %s)", first + count, new)
+        return new, epoch
+
+    def retire_engines(self, indexes: list[int], timeout_s: float) -> None:
+        """Scale down, after the clients moved the engines' requests and told each
+        SHUTDOWN_CURRENT_RANK: waits up to timeout_s for them to exit, ends whatever is
+        left, and drops them. Only the highest indexes retire, so the rest keep theirs."""
+        with self._lock:
+            keep = len(self._indexes) - len(indexes)
+            assert sorted(indexes) == self._indexes[keep:], (indexes, self._indexes)
+            for index in indexes:
+                if self._states[index] is not EngineState.DEAD:
+                    self._states[index] = EngineState.RETIRING
+        self._wait_retired(indexes, timeout_s)
+        self._drop(indexes, keep)
+        logger.info("scaled down to %d engine cores (removed: %s)", keep, indexes)
+
+    def _wait_retired(self, indexes: list[int], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(self._states[i] is EngineState.DEAD for i in indexes):
+                    return
+            time.sleep(0.02)
+        logger.warning("engine core(s) %s did not exit within %.0f s of their shutdown; "
+                       "ending them", indexes, timeout_s)
+
+    def _drop(self, indexes: list[int], keep: int) -> None:
+        with self._lock:  # unwatched from now on: their end is no death
+            del self._indexes[keep:]
+            for index in indexes:
+                self._states.pop(index, None)
+                self._ended.pop(index, None)
+            self._data_parallel_size = keep
+        self._watch_new_engines()
+        for index in sorted(indexes, reverse=True):
+            try:
+                self._forget(index)
+            except Exception:
+                logger.warning("could not end engine core %d", index, exc_info=True)
 
     def start_recovery(self, addresses: EngineZmqAddresses, host: str = "127.0.0.1") -> None:
         """After a successful start-up: engines that end from now on are reported, and
@@ -153,6 +249,8 @@ class RestartingManager:
 
     def _engine_ended(self, index: int, code: int, detail: str) -> None:
         with self._lock:
+            if index not in self._states:
+                return  # scaled away meanwhile
             self._ended[index] = (code, detail)
             was, self._states[index] = self._states[index], EngineState.DEAD
             if self._closing or self._addresses is None or was is not EngineState.RUNNING:
@@ -192,7 +290,7 @@ class RestartingManager:
             self._watch_new_engines()
             blocks = wait_for_engine_startup(
                 handshake, self._addresses, [CoreEngine(index)], self._config,
-                _RestartingEngine(self, index), data_parallel_size=self._data_parallel_size,
+                _RestartingEngine(self, [index]), data_parallel_size=self._data_parallel_size,
                 epoch=epoch, poll_ms=RESTART_POLL_PERIOD_MS, remote=self.remote_engines())
             with self._lock:
                 if self._closing:
@@ -236,9 +334,9 @@ class _RestartingEngine:
     """wait_for_engine_startup's view of one engine being restarted: it ended when the
     manager's watcher said so; a manager that is closing ends the wait too."""
 
-    def __init__(self, manager: RestartingManager, index: int) -> None:
+    def __init__(self, manager: RestartingManager, indexes: list[int]) -> None:
         self.manager = manager
-        self.index = index
+        self.indexes = indexes
 
     def sentinels(self) -> list[int]:
         return []  # the handshake polls finished_procs every RESTART_POLL_PERIOD_MS
@@ -248,8 +346,7 @@ class _RestartingEngine:
         with m._lock:
             if m._closing:
                 return {"(the engines are shutting down)": 0}
-            ended = m._ended.get(self.index)
-        return {} if ended is None else {m.engine_name(self.index): ended[0]}
+            return {m.engine_name(i): m._ended[i][0] for i in self.indexes if i in m._ended}
 
     def join_first(self) -> None:
         deadline = time.monotonic() + EXIT_CODE_WAIT_S

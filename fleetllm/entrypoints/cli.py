@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-server-count", type=int, default=1,
                        help="HTTP server processes sharing the port (each with its own "
                             "client of every engine core)")
+    serve.add_argument("--enable-elastic-ep", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="serve POST /scale_elastic_ep and GET /is_scaling_elastic_ep, "
+                            "which grow or shrink --data-parallel-size while serving (one "
+                            "API server)")
     from fleetllm.entrypoints.openai import defaults as server_defaults
 
     serve.add_argument("--max-request-body-bytes", type=int,

@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -21,6 +21,7 @@ from fleetllm.engine.inputs import (
     make_requests,
 )
 from fleetllm.engine.output import OutputProcessor, RequestOutput
+from fleetllm.engine.protocol import EngineClientInterface, delegate_engine_methods
 from fleetllm.engine.tokenizer import Tokenizer
 from fleetllm.sampling_params import SamplingParams
 
@@ -29,7 +30,8 @@ logger = logging.getLogger(__name__)
 PromptType = str | dict[str, Any]
 
 
-class LLM:
+@delegate_engine_methods
+class LLM(EngineClientInterface):
     """Generates text from a local Hugging Face checkpoint.
 
     Keyword arguments mirror vLLM's: model, dtype, seed, max_model_len, block_size,
@@ -182,20 +184,9 @@ class LLM:
             bar.close()
         return [results[r] for r in request_ids]
 
-    # ---- pass-throughs ----------------------------------------------------------------
-    def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
-                       args: tuple = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
-        return self.engine_core.collective_rpc(method, timeout, args, kwargs)
-
-    def save_sharded_state(self, path: str, pattern: str | None = None,
-                           max_size: int | None = None) -> None:
-        """Each worker writes its own shard; load them with load_format='sharded_state'
-        from a directory that also holds the checkpoint's config and tokenizer files."""
-        self.engine_core.save_sharded_state(path, pattern, max_size)
-
-    def reset_prefix_cache(self) -> bool:
-        return self.engine_core.reset_prefix_cache()
-
+    # ---- engine methods ---------------------------------------------------------------
+    # Every method declared in engine/protocol.py passes through to the engine client; these
+    # two also track the sleep state, so that generate() fails early on a sleeping engine.
     def sleep(self, level: int = 1) -> None:
         """Frees the KV cache (level 1) and the weights too (level 2) until wake_up()."""
         self.engine_core.sleep(level)
@@ -207,9 +198,24 @@ class LLM:
         if not tags:  # all of it is awake; after some tags, generate() asks the engine
             self._sleep_level = None
 
-    def get_performance_metrics(self) -> Any:
-        """The executor's metrics (a list, one per engine, with engine processes)."""
-        return self.engine_core.get_performance_metrics()
+    # ---- elastic data parallel --------------------------------------------------------
+    def scale_data_parallel(self, new_data_parallel_size: int, drain_timeout: float = 120.0,
+                            startup_timeout: float = 120.0) -> None:
+        """Grows or shrinks the number of engine cores (processes, or Ray actors). Requests
+        still on an engine being removed after drain_timeout seconds move to the others; new
+        engines that have not started within startup_timeout seconds fail the scale
+        (ScaleError), and the fleet stays as it was. Needs engine processes:
+        LLM(..., engine_process=True) or data_parallel_size > 1."""
+        scale = getattr(self.engine_core, "scale_data_parallel", None)
+        if scale is None:
+            raise ValueError("this LLM runs its engine core in-process; create it with "
+                             "engine_process=True (or data_parallel_size > 1) to scale it")
+        scale(new_data_parallel_size, drain_timeout, startup_timeout)
+
+    @property
+    def data_parallel_size(self) -> int:
+        engines = getattr(self.engine_core, "engines", None)
+        return 1 if engines is None else len(engines)
 
     def get_stats(self) -> dict[str, float]:
         return self.engine_core.stats()

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fleetllm.config import EngineConfig
+from fleetllm.distributed.reconfigure import ReconfigureDistributedRequest, ReconfigureRankType
 from fleetllm.errors import ConfigurationError, WorkerCrashedError
 from fleetllm.executor.calls import CallTable, FailureCallback
 from fleetllm.sched.output import KVCacheConfig, KVCacheSpec, ModelRunnerOutput, SchedulerOutput
@@ -235,6 +236,13 @@ class Executor(ABC):
 
     def take_draft_token_ids(self) -> Any:
         return self.collective_rpc("take_draft_token_ids")[0]
+
+    def reinitialize_distributed(self, reconfig_request: ReconfigureDistributedRequest) -> None:
+        """Elastic data parallel: every worker learns the new fleet (and its thread count);
+        a rank told SHUTDOWN_CURRENT_RANK then ends its workers."""
+        self.collective_rpc("reinitialize_distributed", args=(reconfig_request,))
+        if reconfig_request.new_data_parallel_rank == ReconfigureRankType.SHUTDOWN_CURRENT_RANK:
+            self.shutdown()
 
     @property
     def max_concurrent_batches(self) -> int:

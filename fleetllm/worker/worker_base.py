@@ -6,7 +6,10 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from fleetllm.config import EngineConfig
+from fleetllm.distributed.reconfigure import ReconfigureDistributedRequest
 
 
 def resolve_obj_by_qualname(qualname: str) -> Any:
@@ -47,6 +50,12 @@ class WorkerBase:
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         return ("generate",)
+
+    def reinitialize_distributed(self, reconfig_request: ReconfigureDistributedRequest) -> None:
+        """The fleet grew or shrank: this rank takes its new share of the CPU cores (the
+        data-parallel engines exchange nothing, so there is no group to rebuild)."""
+        if reconfig_request.num_threads is not None:
+            torch.set_num_threads(reconfig_request.num_threads)
 
     def take_draft_token_ids(self) -> None:
         return None

@@ -68,6 +68,32 @@ class _EngineStats(Collector):
             "Requests put back and recomputed inside an engine core after its workers "
             "were restarted.",
             value=sum(s.get("num_requests_recomputed", 0.0) for s in self.per_engine))
+        yield from self._balance()
+
+    def _balance(self) -> Iterator[Metric]:
+        """How this API server balances: each engine's load as the DPCoordinator last
+        published it (4 * waiting + running, plus this server's sends since), and this
+        server's own unfinished requests on each engine."""
+        if self.engine.errored:
+            return
+        loads = self.engine.engine_loads()
+        published = GaugeMetricFamily(
+            "fleetllm:engine_load", "An engine core's load as the data-parallel coordinator "
+            "publishes it (4 * waiting + running); absent without a coordinator.",
+            labels=["engine"])
+        own = GaugeMetricFamily(
+            "fleetllm:engine_requests_from_this_server",
+            "Unfinished requests this API server has on each engine core.", labels=["engine"])
+        for index, score, sent in loads:
+            if score is not None:
+                published.add_metric([str(index)], score)
+            own.add_metric([str(index)], sent)
+        yield published
+        yield own
+        yield GaugeMetricFamily("fleetllm:data_parallel_size", "Engine cores in the fleet.",
+                                value=len(loads))
+
+
 
 
 class ServerMetrics:

@@ -24,6 +24,7 @@ from fleetllm.engine.async_llm import AsyncLLM
 from fleetllm.engine.core_proc import set_process_name
 
 from .defaults import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_SHUTDOWN_TIMEOUT_S
+from .elastic import add_elastic_routes
 from .errors import OpenAIError
 from .metrics import ServerMetrics
 from .middleware import APIKeyMiddleware, BodyLimitMiddleware
@@ -250,6 +251,9 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
     --api-server-count > 1, a supervisor over API server processes and engine cores."""
     if args.api_server_count < 1:
         raise ValueError(f"--api-server-count {args.api_server_count} must be >= 1")
+    if getattr(args, "enable_elastic_ep", False) and args.api_server_count > 1:
+        raise ValueError("--enable-elastic-ep needs --api-server-count 1: the API server "
+                         "that scales must own the engine cores")
     ServerLimits.from_args(args)  # bad limits fail before anything starts
     if args.api_server_count > 1:
         from .multi_server import run_multi_server
@@ -318,6 +322,8 @@ def serve_http(engine: AsyncLLM, args: argparse.Namespace, sock: socket.socket,
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("no --api-key: anyone who can reach %s can use the server", args.host)
     app = build_app(engine, names, args.api_key, on_engine_death, ServerLimits.from_args(args))
+    if getattr(args, "enable_elastic_ep", False):
+        add_elastic_routes(app, engine)
     lifecycle: Lifecycle = app.state.lifecycle
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     config = uvicorn.Config(app, log_level=level, log_config=log_config,
