@@ -23,7 +23,7 @@ import pytest
 
 from fleetllm import SamplingParams
 from fleetllm.default_model import DEFAULT_MODEL_DIR
-from fleetllm.entrypoints.openai.protocol import NOT_SUPPORTED_YET
+from fleetllm.entrypoints.openai.protocol import DEPRECATED, NOT_SUPPORTED_YET
 from tests.conftest import TEXT
 from tests.helpers import VOCAB, hf_logprobs, make_llm, random_prompts
 from tests.test_openai_server import (
@@ -123,6 +123,12 @@ BAD: dict[str, tuple[str, dict[str, Any], str]] = {
     "max_tokens_0_without_echo": ("/v1/completions", {**GOOD, "max_tokens": 0}, "max_tokens"),
     "suffix": ("/v1/completions", {**GOOD, "suffix": "end"}, "suffix"),
     "empty_prompt": ("/v1/completions", {**GOOD, "prompt": []}, "prompt"),
+    "empty_guided_choice": ("/v1/chat/completions", {**CHAT, "guided_choice": []}, "choice"),
+    # tool_choice "auto" (the default with tools) needs --enable-auto-tool-choice
+    "auto_tools_without_parser": ("/v1/chat/completions", {**CHAT, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, "--enable-auto-tool-choice"),
+    "auto_tool_choice_without_parser": ("/v1/chat/completions", {**CHAT, "tool_choice": "auto",
+        "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
 }
 
 
@@ -135,22 +141,25 @@ def test_bad_input_gets_400_naming_the_field(server: Server, case: str) -> None:
 
 
 def _unsupported_value(name: str) -> Any:
-    return {"tool_choice": "auto", "parallel_tool_calls": True,
-            "guided_regex": "a+", "guided_grammar": "root ::= 'a'"}.get(name, [{"x": 1}])
+    return {"function_call": "auto"}.get(name, [{"x": 1}])
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-@pytest.mark.parametrize("name", sorted(NOT_SUPPORTED_YET))
-def test_fields_not_supported_yet_get_400_naming_them(server: Server, path: str,
-                                                      name: str) -> None:
+@pytest.mark.parametrize("name", sorted(NOT_SUPPORTED_YET | DEPRECATED.keys()))
+def test_fields_not_supported_get_400_naming_them(server: Server, path: str, name: str) -> None:
     base = GOOD if path == "/v1/completions" else CHAT
-    if name in ("tool_calls", "tool_call_id") and base is CHAT:  # message fields
-        message = {"role": "assistant", "content": "x", name: _unsupported_value(name)}
-        body, want = {**CHAT, "messages": [message]}, f"messages[].{name}"
-    else:
-        body, want = {**base, name: _unsupported_value(name)}, name
-    error = _error(_post(server, path, body))
-    assert error["param"] == want and "not supported yet" in error["message"], error
+    error = _error(_post(server, path, {**base, name: _unsupported_value(name)}))
+    why = "not supported yet" if name in NOT_SUPPORTED_YET else f"send {DEPRECATED[name]}"
+    assert error["param"] == name and why in error["message"], error
+    _next_one_succeeds(server)
+
+
+def test_deprecated_function_call_in_a_message_gets_400(server: Server) -> None:
+    message = {"role": "assistant", "content": "x",
+               "function_call": {"name": "f", "arguments": "{}"}}
+    error = _error(_post(server, "/v1/chat/completions", {**CHAT, "messages": [message]}))
+    assert error["param"] == "messages[].function_call", error
+    assert "send tool_calls" in error["message"], error
     _next_one_succeeds(server)
 
 

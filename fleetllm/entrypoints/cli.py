@@ -228,6 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="larger request bodies get 413 before they are read")
     serve.add_argument("--max-n", type=int, default=server_defaults.DEFAULT_MAX_N,
                        help="the most completions one request may ask for (n); above it, 400")
+    serve.add_argument("--max-prompts-per-request", type=int,
+                       default=server_defaults.DEFAULT_MAX_PROMPTS_PER_REQUEST,
+                       help="the most prompts one /v1/completions request may carry, and "
+                            "completions (n x prompts, or --max-n if larger); above it, 400")
+    serve.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help='serve tool_choice "auto" (what a request with tools gets '
+                            "unless it names another): --tool-call-parser reads the output "
+                            "for tool calls")
+    serve.add_argument("--tool-call-parser", choices=server_defaults.TOOL_CALL_PARSERS,
+                       default=None,
+                       help="the format the model writes tool calls in, for tool_choice "
+                            '"auto" (hermes: <tool_call>{json}</tool_call>, as Hermes and Qwen '
+                            "models write them); default: none")
     serve.add_argument("--shutdown-timeout", type=float,
                        default=server_defaults.DEFAULT_SHUTDOWN_TIMEOUT_S,
                        help="seconds in-flight requests get to finish after SIGTERM (new "

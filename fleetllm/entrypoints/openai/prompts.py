@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import json
 import logging
 import math
 import os
@@ -118,9 +119,20 @@ class PromptProcessor:
                 raise _too_long(param, len(ids), limit, "")
         return ids
 
-    async def render_chat(self, convo: list[dict[str, Any]],
-                          add_generation_prompt: bool) -> str:
-        size = sum(len(m["content"]) for m in convo)
+    async def render_chat(self, convo: list[dict[str, Any]], add_generation_prompt: bool,
+                          tools: list[dict[str, Any]] | None = None) -> str:
+        size = sum(len(m["content"]) for m in convo) + (len(json.dumps(tools)) if tools else 0)
         if size < INLINE_CHARS:
+            return self._render(convo, add_generation_prompt, tools)
+        return await self.run(self._render, convo, add_generation_prompt, tools)
+
+    def _render(self, convo: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None) -> str:
+        if tools is None:
             return self.engine.apply_chat_template(convo, add_generation_prompt)
-        return await self.run(self.engine.apply_chat_template, convo, add_generation_prompt)
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("this server runs without a tokenizer (--skip-tokenizer-init), "
+                             "so it has no chat template")
+        # The template's `tools`, as transformers' apply_chat_template passes them.
+        return tokenizer.apply_chat_template(convo, add_generation_prompt, tools=tools)

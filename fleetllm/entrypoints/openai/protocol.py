@@ -30,13 +30,11 @@ INT32_MAX = 2**31 - 1
 # Fields of the OpenAI and vLLM request schemas that this server does not implement yet: a
 # request that sets one (to anything but null or an empty value) gets 400 naming it. Remove a
 # name here when it is implemented, and declare the field on the request model.
-NOT_SUPPORTED_YET = frozenset({
-    "tools", "tool_choice", "parallel_tool_calls",
-    "functions", "function_call",  # OpenAI's deprecated form of tools
-    "tool_calls", "tool_call_id",  # in messages
-})
-# Values that ask for what the server does anyway: sent by clients that fill in defaults.
-_DEFAULT_VALUES: dict[str, Any] = {"tool_choice": "none"}
+NOT_SUPPORTED_YET: frozenset[str] = frozenset()
+# OpenAI's deprecated forms of tools, refused (unless null or empty) with what to send instead;
+# function_call is also the deprecated form of an assistant message's tool_calls.
+DEPRECATED = {"functions": "tools", "function_call": "tool_choice"}
+_DEPRECATED_IN_MESSAGES = {"function_call": "tool_calls"}
 
 
 def _encodable(text: str) -> str:
@@ -83,17 +81,24 @@ Stop = _union(("str", Text), ("list[str]", list[Text]))
 
 
 def _drop_not_supported(data: Any, where: str = "") -> Any:
-    """data without the not-yet-supported fields that are null or empty; 400 for the rest."""
-    if not isinstance(data, dict) or not NOT_SUPPORTED_YET & data.keys():
+    """data without the not-yet-supported or deprecated fields that are null or empty; 400
+    for the rest."""
+    refused = NOT_SUPPORTED_YET | DEPRECATED.keys()
+    if not isinstance(data, dict) or not refused & data.keys():
         return data
     data = dict(data)
-    for name in sorted(NOT_SUPPORTED_YET & data.keys()):
+    for name in sorted(refused & data.keys()):
         value = data.pop(name)
-        if value in (None, {}, []) or _DEFAULT_VALUES.get(name) == value:
+        if value in (None, {}, []):
             continue
-        raise PydanticCustomError(
-            "not_supported", f"{where}{name} is not supported yet by this server; remove it",
-            {"field": f"{where}{name}"})
+        field = f"{where}{name}"
+        if name in NOT_SUPPORTED_YET:
+            message = f"{field} is not supported yet by this server; remove it"
+        else:
+            instead = (_DEPRECATED_IN_MESSAGES if where else DEPRECATED)[name]
+            message = (f"{field} is OpenAI's deprecated form of {instead}, which this server "
+                       f"does not take; send {instead} instead")
+        raise PydanticCustomError("not_supported", message, {"field": field})
     return data
 
 
@@ -200,6 +205,12 @@ _CHAT_EXAMPLES = [
      "max_tokens": 8, "stream": True, "logprobs": True, "top_logprobs": 2},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
      "max_completion_tokens": 4, "n": 2},
+    {"messages": [{"role": "user", "content": "Weather in Paris?"}],
+     "tools": [{"type": "function", "function": {
+         "name": "get_weather", "parameters": {
+             "type": "object", "properties": {"city": {"enum": ["Paris", "Lima"]}},
+             "required": ["city"]}}}],
+     "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 32},
 ]
 
 
@@ -250,17 +261,72 @@ class _Message(RequestModel):
 
 
 class ChatMessage(_Message):
-    role: Literal["system", "developer", "user", "tool"]
+    role: Literal["system", "developer", "user"]
+
+
+class ToolCallFunction(RequestModel):
+    name: Text
+    arguments: Text = Field(description="the call's arguments: a JSON object, as text")
+
+
+class ToolCallParam(RequestModel):
+    """A call the assistant made, as a client sends it back in the conversation."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class AssistantMessage(_Message):
     role: Literal["assistant"]
     content: Content | None = None
+    tool_calls: list[ToolCallParam] | None = None
+
+
+class ToolMessage(_Message):
+    """A tool's result, answering the assistant's call tool_call_id."""
+
+    role: Literal["tool"]
+    tool_call_id: Text
 
 
 # Chosen by role, so that an unknown role reads as one error naming the roles.
-Message = Annotated[Union[ChatMessage, AssistantMessage],  # noqa: UP007
+Message = Annotated[Union[ChatMessage, AssistantMessage, ToolMessage],  # noqa: UP007
                     Field(discriminator="role")]
+
+# OpenAI's rule for function names.
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="a JSON Schema of an object: the function's arguments")
+    strict: bool | None = None
+
+
+class ChatCompletionTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: Text
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _tool_choice_shape(value: Any) -> str:
+    return "named" if isinstance(value, dict) else "mode"
+
+
+ToolChoice = Annotated[Union[  # noqa: UP007
+    Annotated[Literal["none", "auto", "required"], Tag("mode")],
+    Annotated[NamedToolChoice, Tag("named")]], Discriminator(_tool_choice_shape)]
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -274,6 +340,10 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # the chat template places the special tokens
     modalities: list[Literal["text"]] | None = None
+    tools: list[ChatCompletionTool] | None = None
+    tool_choice: ToolChoice | None = Field(
+        None, description='default: "auto" with tools, "none" without')
+    parallel_tool_calls: bool = True
 
 
 class UsageInfo(OpenAIBaseModel):
@@ -328,9 +398,21 @@ class ChatLogprobs(OpenAIBaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(OpenAIBaseModel):
@@ -350,9 +432,25 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A streamed piece of tool call `index`: its id, type and name first, then fragments of
+    its arguments to append."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(OpenAIBaseModel):
@@ -394,6 +492,7 @@ class TokenizePromptRequest(RequestModel):
 class TokenizeChatRequest(RequestModel):
     model: Text | None = None
     messages: list[Message] = Field(min_length=1)
+    tools: list[ChatCompletionTool] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # the chat template places the special tokens
 

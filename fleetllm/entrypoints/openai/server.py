@@ -23,7 +23,12 @@ from fleetllm.config import EngineArgs
 from fleetllm.engine.async_llm import AsyncLLM
 from fleetllm.engine.core_proc import set_process_name
 
-from .defaults import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_SHUTDOWN_TIMEOUT_S
+from .defaults import (
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+)
 from .elastic import add_elastic_routes
 from .errors import OpenAIError
 from .metrics import ServerMetrics
@@ -50,6 +55,7 @@ from .shutdown import (
     LifecycleMiddleware,
     unless_disconnected,
 )
+from .tools import ToolOptions, template_tools
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +80,15 @@ class ServerLimits:
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     max_n: int = DEFAULT_MAX_N
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> ServerLimits:
-        limits = ServerLimits(args.max_request_body_bytes, args.max_n, args.shutdown_timeout)
+        limits = ServerLimits(args.max_request_body_bytes, args.max_n, args.shutdown_timeout,
+                              args.max_prompts_per_request)
         for name, value in (("--max-request-body-bytes", limits.max_request_body_bytes),
-                            ("--max-n", limits.max_n)):
+                            ("--max-n", limits.max_n),
+                            ("--max-prompts-per-request", limits.max_prompts_per_request)):
             if value < 1:
                 raise ValueError(f"{name} {value} must be >= 1")
         if limits.shutdown_timeout_s < 0:
@@ -106,7 +115,8 @@ def _respond(result: Any) -> Any:
 
 def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None,
               on_engine_death: Callable[[str], None] | None = None,
-              limits: ServerLimits | None = None) -> FastAPI:
+              limits: ServerLimits | None = None,
+              tool_options: ToolOptions | None = None) -> FastAPI:
     """The app owns the engine: it shuts it down when the app's lifespan ends. While an
     engine core that died is restarted, /health stays 200 (streams pause, then go on). If
     the engine dies for good, /health answers 503 for ENGINE_DEATH_GRACE_S (so probes and
@@ -117,7 +127,7 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
     prompts = PromptProcessor(engine)
     lifecycle = Lifecycle(limits.shutdown_timeout_s)
     serving = OpenAIServing(engine, served_model_names, metrics.track, prompts, limits.max_n,
-                            lifecycle.cut)
+                            lifecycle.cut, tool_options, limits.max_prompts_per_request)
     model = engine.config.model_config.model
     root = DEFAULT_MODEL_NAME if _is_builtin(model) else model
 
@@ -207,7 +217,8 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, serving: OpenAIServing,
         serving.check_model(body.model)
         if isinstance(body, TokenizeChatRequest):
             tokens = (await serving.chat_prompt(body.messages, body.add_generation_prompt,
-                                                body.add_special_tokens, bounded=False))[1]
+                                                body.add_special_tokens, bounded=False,
+                                                tools=template_tools(body.tools)))[1]
         else:
             tokens = await serving.prompts.encode(body.prompt, body.add_special_tokens,
                                                   "prompt", bounded=False)
@@ -255,6 +266,7 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
         raise ValueError("--enable-elastic-ep needs --api-server-count 1: the API server "
                          "that scales must own the engine cores")
     ServerLimits.from_args(args)  # bad limits fail before anything starts
+    ToolOptions.from_args(args)
     if args.api_server_count > 1:
         from .multi_server import run_multi_server
 
@@ -321,7 +333,8 @@ def serve_http(engine: AsyncLLM, args: argparse.Namespace, sock: socket.socket,
 
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("no --api-key: anyone who can reach %s can use the server", args.host)
-    app = build_app(engine, names, args.api_key, on_engine_death, ServerLimits.from_args(args))
+    app = build_app(engine, names, args.api_key, on_engine_death, ServerLimits.from_args(args),
+                    ToolOptions.from_args(args))
     if getattr(args, "enable_elastic_ep", False):
         add_elastic_routes(app, engine)
     lifecycle: Lifecycle = app.state.lifecycle

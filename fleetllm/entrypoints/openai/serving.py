@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -16,7 +17,7 @@ from fleetllm.engine.output import RequestOutput
 from fleetllm.sampling_params import SamplingParams
 from fleetllm.structured.params import StructuredOutputsParams
 
-from .defaults import DEFAULT_MAX_N
+from .defaults import DEFAULT_MAX_N, DEFAULT_MAX_PROMPTS_PER_REQUEST
 from .errors import OpenAIError
 from .logprobs import chat_logprobs, completion_logprobs
 from .prompts import PromptProcessor
@@ -40,18 +41,32 @@ from .streaming import (
     DeltaTracker,
     Stream,
     Tracker,
+    check_outputs,
     final_outputs,
     merge_streams,
     sse,
     usage_of,
     whole,
 )
+from .tool_parsers import ToolParser
+from .tools import ToolOptions, plan_tools, template_messages
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 Prompt = tuple[str | None, list[int]]
+
+
+@dataclass
+class _Echo:
+    """A stream's echoed prompts: each prompt's text comes first in its choices, with its
+    logprobs where asked (scores: one prompt-logprobs request per prompt, since a stream's
+    outputs carry the prompt's logprobs only at its end)."""
+
+    texts: list[str]
+    logprobs: bool
+    scores: list[Stream] | None = None
 
 
 def _invalid(e: Exception, default_param: str | None = None) -> OpenAIError:
@@ -64,12 +79,15 @@ def _invalid(e: Exception, default_param: str | None = None) -> OpenAIError:
 class OpenAIServing:
     def __init__(self, engine: AsyncLLM, served_model_names: list[str], track: Tracker,
                  prompts: PromptProcessor, max_n: int = DEFAULT_MAX_N,
-                 cut: asyncio.Event | None = None) -> None:
+                 cut: asyncio.Event | None = None, tool_options: ToolOptions | None = None,
+                 max_prompts: int = DEFAULT_MAX_PROMPTS_PER_REQUEST) -> None:
         self.engine = engine
         self.model_names = served_model_names
         self.track = track
         self.prompts = prompts
         self.max_n = max_n
+        self.max_prompts = max_prompts
+        self.tool_options = tool_options or ToolOptions()
         self.cut = cut  # set when the server's shutdown ends the requests still running
         self.vocab_size = engine.config.model_config.vocab_size
 
@@ -90,9 +108,35 @@ class OpenAIServing:
             raise OpenAIError(f"stop_token_ids has token ids outside the vocabulary "
                               f"[0, {self.vocab_size}): {bad[:5]}", param="stop_token_ids")
 
+    def _check_prompt_count(self, req: CompletionRequest) -> None:
+        prompt = req.prompt
+        count = len(prompt) if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) \
+            else 1
+        if count > self.max_prompts:
+            raise OpenAIError(f"the request has {count} prompts, more than this server takes "
+                              f"in one request (--max-prompts-per-request {self.max_prompts}); "
+                              "send them in several requests", param="prompt")
+        most = max(self.max_prompts, self.max_n)
+        if count * req.n > most:
+            raise OpenAIError(f"n={req.n} completions of each of {count} prompts make "
+                              f"{count * req.n}, more than this server runs for one request "
+                              f"({most}: --max-prompts-per-request {self.max_prompts}, --max-n "
+                              f"{self.max_n}); ask for fewer", param="n")
+
     def sampling_params(self, req: SamplingRequest, max_tokens: int | None,
-                        logprobs: int | None, prompt_logprobs: int | None = None
-                        ) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None,
+                        constraint: StructuredOutputsParams | None = None) -> SamplingParams:
+        try:
+            structured = _structured(req)
+        except (ValueError, TypeError) as e:
+            raise _invalid(e) from e
+        if constraint is not None:  # the tool-call schema
+            if structured is not None:
+                raise OpenAIError("tool_choice \"required\" or a named function constrains "
+                                  "the output to tool calls; drop the other output constraint "
+                                  "(response_format, structured_outputs, guided_*)",
+                                  param="tool_choice")
+            structured = constraint
         defaults = self.engine.generation_defaults()
         chosen = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
                   "min_p": req.min_p, "repetition_penalty": req.repetition_penalty}
@@ -106,7 +150,7 @@ class OpenAIServing:
                 min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias,
-                structured_outputs=_structured(req),
+                structured_outputs=structured,
                 **{k: v for k, v in overrides.items() if v is not None})
         except (ValueError, TypeError) as e:
             raise _invalid(e) from e
@@ -125,18 +169,11 @@ class OpenAIServing:
         return [(None, prompt)]
 
     async def chat_prompt(self, messages: list[Message], add_generation_prompt: bool,
-                          add_special_tokens: bool = False, bounded: bool = True) -> Prompt:
-        convo = []
-        for m in messages:
-            content = m.content
-            if isinstance(content, list):
-                content = "".join(p.text for p in content)
-            entry = {"role": m.role, "content": content or ""}
-            if m.name is not None:
-                entry["name"] = m.name
-            convo.append(entry)
+                          add_special_tokens: bool = False, bounded: bool = True,
+                          tools: list[dict[str, Any]] | None = None) -> Prompt:
+        convo = template_messages(messages)
         try:
-            text = await self.prompts.render_chat(convo, add_generation_prompt)
+            text = await self.prompts.render_chat(convo, add_generation_prompt, tools)
         except (ValueError, jinja2.TemplateError) as e:
             raise OpenAIError(f"cannot apply the chat template: {e}", param="messages") from e
         return text, await self.prompts.encode(text, add_special_tokens, "messages", bounded)
@@ -165,16 +202,12 @@ class OpenAIServing:
         if req.best_of not in (None, req.n):
             raise OpenAIError("best_of other than n is not supported by this server",
                               param="best_of")
-        if req.echo and req.stream and req.logprobs is not None:
-            raise OpenAIError("echo with logprobs is not supported with stream=true (the "
-                              "prompt's logprobs come with the whole output); set stream "
-                              "to false", param="echo")
         max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         if max_tokens > 0:
             return max_tokens, False
-        if not req.echo or req.stream:
-            raise OpenAIError("max_tokens=0 generates nothing; use it with echo=true and "
-                              "stream=false to score the prompt", param="max_tokens")
+        if not req.echo:
+            raise OpenAIError("max_tokens=0 generates nothing; use it with echo=true to score "
+                              "the prompt", param="max_tokens")
         if req.min_tokens:
             raise OpenAIError("min_tokens must be 0 with max_tokens=0", param="min_tokens")
         # Scoring: the engine needs at least one step, whose token is then dropped.
@@ -184,8 +217,11 @@ class OpenAIServing:
                                 ) -> CompletionResponse | AsyncIterator[str]:
         model = self.check_model(req.model)
         self._check_limits(req)
+        self._check_prompt_count(req)
         max_tokens, drop_generated = self._completion_options(req)
-        prompt_lp = req.logprobs if req.echo else None
+        # A stream that generates gets its prompt's logprobs from a request of their own.
+        scored_apart = req.stream and req.echo and req.logprobs is not None and not drop_generated
+        prompt_lp = req.logprobs if req.echo and not scored_apart else None
         params = self.sampling_params(req, max_tokens, req.logprobs, prompt_lp)
         prompts = await self.completion_prompts(req.prompt, req.add_special_tokens)
         for _, ids in prompts:
@@ -194,9 +230,15 @@ class OpenAIServing:
         streams = self._start(prompts, params, request_id)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            echoes = [self._echo_text(p) for p in prompts] if req.echo else None
+            echo = None
+            if req.echo:
+                echo = _Echo([self._echo_text(p) for p in prompts], req.logprobs is not None)
+            if scored_apart:
+                assert echo is not None and req.logprobs is not None
+                echo.scores = self._score(prompts, req.logprobs, request_id)
             return self._sse(self._completion_chunks(streams, DeltaTracker(params), request_id,
-                                                     model, include_usage, echoes))
+                                                     model, include_usage, echo,
+                                                     drop_generated))
         finals = await final_outputs(streams)
         choices = [self._completion_choice(ro, whole(i * params.n + o.index, o), req.echo,
                                            drop_generated)
@@ -232,26 +274,85 @@ class OpenAIServing:
         return self.engine.decode([token_id], skip_special_tokens=False)
 
     @staticmethod
-    def _chunk_choice(d: Delta, prefix: str = "") -> CompletionChoice:
+    def _chunk_choice(d: Delta, text_offset: int = 0) -> CompletionChoice:
         lps: CompletionLogprobs | None = None
         if d.logprobs is not None:
-            lps = completion_logprobs(d.token_ids, d.logprobs, d.text_offset + len(prefix))
+            lps = completion_logprobs(d.token_ids, d.logprobs, text_offset)
         return CompletionChoice(index=d.index, text=d.text, logprobs=lps,
                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason)
 
+    def _score(self, prompts: list[Prompt], logprobs: int, request_id: str) -> list[Stream]:
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=logprobs)
+        return [self.engine.generate(ids, params, f"{request_id}-score-{i}", text)
+                for i, (text, ids) in enumerate(prompts)]
+
+    def _echo_logprobs(self, ro: RequestOutput) -> CompletionLogprobs:
+        return completion_logprobs(ro.prompt_token_ids, ro.prompt_logprobs or [], 0,
+                                   decode=self._decode_token)
+
     async def _completion_chunks(self, streams: list[Stream], tracker: DeltaTracker,
                                  request_id: str, model: str, include_usage: bool,
-                                 echoes: list[str] | None) -> AsyncIterator[CompletionResponse]:
-        for i, text in enumerate(echoes or ()):
-            for k in range(tracker.n):
-                yield CompletionResponse(id=request_id, model=model, choices=[
-                    CompletionChoice(index=i * tracker.n + k, text=text)])
-        async with aclosing(merge_streams(streams)) as merged:
+                                 echo: _Echo | None, drop_generated: bool
+                                 ) -> AsyncIterator[CompletionResponse]:
+        """Each choice's chunks; with echo, its prompt's text (and logprobs) first. Chunks of
+        a prompt whose logprobs are still to come wait for them (echo.scores). Text offsets
+        run on over the tokens' texts, as in the whole answer (a token that ends half a
+        UTF-8 character adds none to the text, but its own text, U+FFFD, counts)."""
+        def chunk(choice: CompletionChoice) -> CompletionResponse:
+            return CompletionResponse(id=request_id, model=model, choices=[choice])
+
+        def choice_of(d: Delta, prefix: str) -> CompletionChoice:
+            choice = self._chunk_choice(d, offsets.get(d.index, len(prefix)))
+            if choice.logprobs is not None:
+                offsets[d.index] = (offsets.get(d.index, len(prefix))
+                                    + sum(len(t) for t in choice.logprobs.tokens))
+            return choice
+
+        n, first = tracker.n, len(streams)
+        waiting: dict[int, list[CompletionResponse]] = {}
+        echoed: set[int] = set()
+        offsets: dict[int, int] = {}  # where each choice's next token's text starts
+        if echo is not None and not echo.logprobs and not drop_generated:
+            for i, text in enumerate(echo.texts):
+                for k in range(n):
+                    yield chunk(CompletionChoice(index=i * n + k, text=text))
+            echoed.update(range(first))
+        async with aclosing(merge_streams([*streams, *(echo.scores or [])] if echo else streams)
+                            ) as merged:
             async for i, ro in merged:
-                prefix = echoes[i] if echoes else ""
-                for d in tracker.deltas(i, ro):
-                    yield CompletionResponse(id=request_id, model=model,
-                                             choices=[self._chunk_choice(d, prefix)])
+                if i >= first:  # the prompt logprobs of prompt i - first
+                    if ro.finished:
+                        check_outputs(ro)
+                        assert echo is not None
+                        lps = self._echo_logprobs(ro)
+                        for k in range(n):
+                            yield chunk(CompletionChoice(index=(i - first) * n + k,
+                                                         text=echo.texts[i - first],
+                                                         logprobs=lps.model_copy(deep=True)))
+                        echoed.add(i - first)
+                        for c in waiting.pop(i - first, []):
+                            yield c
+                    continue
+                deltas = tracker.deltas(i, ro)
+                if drop_generated:  # scoring: the prompt alone, with the logprobs at the end
+                    assert echo is not None
+                    if ro.finished:
+                        for o in ro.outputs:
+                            lps = self._echo_logprobs(ro) if echo.logprobs else None
+                            yield chunk(CompletionChoice(
+                                index=i * n + o.index, text=echo.texts[i], logprobs=lps,
+                                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+                    continue
+                prefix = echo.texts[i] if echo else ""
+                out = [chunk(choice_of(d, prefix)) for d in deltas]
+                if echo is None or i in echoed:
+                    for c in out:
+                        yield c
+                else:
+                    waiting.setdefault(i, []).extend(out)
+        if drop_generated:
+            tracker.usage.completion_tokens = 0
+            tracker.usage.total_tokens = tracker.usage.prompt_tokens
         if include_usage:
             yield CompletionResponse(id=request_id, model=model, choices=[],
                                      usage=tracker.usage)
@@ -263,35 +364,47 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
         self._check_limits(req)  # before the (possibly long) template and tokenization
+        plan = plan_tools(req, self.tool_options)
         text, ids = await self.chat_prompt(req.messages, req.add_generation_prompt,
-                                           req.add_special_tokens)
+                                           req.add_special_tokens, tools=plan.tools)
         max_tokens = req.max_completion_tokens
         if max_tokens is None:
             max_tokens = req.max_tokens
         if max_tokens is None:  # OpenAI's default: whatever room the context leaves
             max_tokens = max(1, self.engine.max_model_len - len(ids))
         top = req.top_logprobs or 0
-        params = self.sampling_params(req, max_tokens, top if req.logprobs else None)
+        params = self.sampling_params(req, max_tokens, top if req.logprobs else None,
+                                      constraint=plan.constraint)
         self._check(ids, params, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self._start([(text, ids)], params, request_id)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse(self._chat_chunks(streams[0], DeltaTracker(params), request_id,
-                                               model, top, include_usage))
+                                               model, top, include_usage, plan.parser))
         ro = (await final_outputs(streams))[0]
         choices = []
         for o in ro.outputs:
             lps = None if o.logprobs is None else chat_logprobs(o.token_ids, o.logprobs, top)
-            choices.append(ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
-                                      logprobs=lps, finish_reason=o.finish_reason,
-                                      stop_reason=o.stop_reason))
+            message, finish = ChatResponseMessage(content=o.text), o.finish_reason
+            if plan.parser is not None:
+                found = plan.parser().extract_tool_calls(o.text)
+                message = ChatResponseMessage(content=found.content, tool_calls=found.tool_calls)
+                finish = _tool_finish(finish, found.tools_called)
+            choices.append(ChatChoice(index=o.index, message=message, logprobs=lps,
+                                      finish_reason=finish, stop_reason=o.stop_reason))
         return ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                       usage=usage_of([ro]))
 
     async def _chat_chunks(self, stream: Stream, tracker: DeltaTracker, request_id: str,
-                           model: str, top: int, include_usage: bool
+                           model: str, top: int, include_usage: bool,
+                           parser: Callable[[], ToolParser] | None
                            ) -> AsyncIterator[ChatCompletionChunk]:
+        """With a tool parser, each choice's text goes through its own parser: a chunk
+        carries what the parser lets out (content, tool-call pieces), or nothing new but
+        logprobs or the finish."""
+        parsers: dict[int, ToolParser] = {}
+        texts: dict[int, str] = {}
         for index in range(tracker.n):
             yield ChatCompletionChunk(id=request_id, model=model, choices=[ChatStreamChoice(
                 index=index, delta=DeltaMessage(role="assistant", content=""))])
@@ -300,12 +413,29 @@ class OpenAIServing:
                 for d in tracker.deltas(0, ro):
                     lps = None if d.logprobs is None else chat_logprobs(d.token_ids,
                                                                         d.logprobs, top)
+                    delta, finish = DeltaMessage(content=d.text), d.finish_reason
+                    if parser is not None:
+                        if d.index not in parsers:
+                            parsers[d.index] = parser()
+                        previous = texts.get(d.index, "")
+                        texts[d.index] = previous + d.text
+                        delta = parsers[d.index].extract_tool_calls_streaming(
+                            previous, texts[d.index], d.text, finish is not None
+                        ) or DeltaMessage()
+                        finish = _tool_finish(finish, parsers[d.index].tools_called)
+                        if delta == DeltaMessage() and lps is None and finish is None:
+                            continue
                     yield ChatCompletionChunk(id=request_id, model=model, choices=[
-                        ChatStreamChoice(index=d.index, delta=DeltaMessage(content=d.text),
-                                         logprobs=lps, finish_reason=d.finish_reason)])
+                        ChatStreamChoice(index=d.index, delta=delta, logprobs=lps,
+                                         finish_reason=finish)])
         if include_usage:
             yield ChatCompletionChunk(id=request_id, model=model, choices=[],
                                       usage=tracker.usage)
+
+
+def _tool_finish(finish_reason: str | None, tools_called: bool) -> str | None:
+    """An output that ended by itself with tool calls ends with "tool_calls"."""
+    return "tool_calls" if tools_called and finish_reason == "stop" else finish_reason
 
 
 def _structured(req: SamplingRequest) -> StructuredOutputsParams | None:
