@@ -274,17 +274,18 @@ class SyncMPClient(EngineClientInterface):
     def _apply(self, event: EngineEvent) -> None:
         if self.dead_reason is not None:
             return
-        if event.final:
+        if event.kind == "gone" and 0 <= event.index < len(self.engines) and any(
+                not e.gone for e in self.engines if e.index != event.index):
+            # Its restart failed (say its node was lost, with no room elsewhere): the fleet
+            # runs smaller. Its requests moved when it died.
+            engine = self.engines[event.index]
+            self._engine_died(engine, event.detail)
+            engine.gone = True
+            logger.warning("engine core %d is gone (%s); serving with the other %d",
+                           engine.index, event.detail, sum(not e.gone for e in self.engines))
+            return
+        if event.final or event.kind == "gone":
             engine = self.engines[event.index] if 0 <= event.index < len(self.engines) else None
-            if engine is not None and any(not e.gone for e in self.engines if e is not engine):
-                # One engine of several is gone for good (say its node was lost, with no
-                # room elsewhere): the fleet runs smaller.
-                self._engine_died(engine, event.detail)
-                engine.gone = True
-                logger.warning("engine core %d is gone (%s); serving with the other %d",
-                               engine.index, event.detail,
-                               sum(not e.gone for e in self.engines))
-                return
             said = f"{engine.error}; " if engine is not None and engine.error else ""
             who = f"engine core {event.index}" if engine is not None else "the engine cores"
             self._fail(f"{who} died: {said}{event.detail}")

@@ -193,7 +193,8 @@ class EngineCoreProc:
         if call.method not in UTILITY_METHODS:
             return UtilityResult(call.call_id, error=f"unknown utility method {call.method!r}")
         try:
-            return UtilityResult(call.call_id, getattr(self.core, call.method)(*call.args))
+            args = ENGINE_METHODS[call.method].convert(call.args)
+            return UtilityResult(call.call_id, getattr(self.core, call.method)(*args))
         except Exception as e:
             return UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}")
 

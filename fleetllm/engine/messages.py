@@ -92,9 +92,11 @@ class EngineEvent(msgspec.Struct, array_like=True):
     "dead": engine `index` ended (`detail` says how); `restarting` if a new one is being
     started, else the engine is gone for good (index -1: all of them).
     "ready": the new engine for `index` finished the handshake; its outputs carry `epoch`.
+    "gone": the restart of engine `index` failed (say no node has room for it): the others
+    serve without it; with none left, the engine is dead.
     """
 
-    kind: str  # "dead" | "ready"
+    kind: str  # "dead" | "ready" | "gone"
     index: int
     detail: str = ""
     restarting: bool = False

@@ -15,9 +15,12 @@ TypeError at the caller, not an error inside the engine.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import msgspec
 
 T = TypeVar("T")
 
@@ -67,12 +70,28 @@ class EngineMethod:
     signature: inspect.Signature
     combine: Callable[[list[Any]], Any]
     doc: str
+    arg_types: tuple[Any, ...]  # each parameter's annotation, as declared
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
         """The call's arguments as the positional list a UtilityCall carries."""
         bound = self.signature.bind(None, *args, **kwargs)
         bound.apply_defaults()
         return list(bound.args[1:])
+
+    def convert(self, args: list[Any]) -> list[Any]:
+        """A UtilityCall's arguments (plain msgpack data) as the declared types, in the
+        engine process: a LoRARequest arrives as a map and leaves as a LoRARequest; a wrong
+        type is a ValueError naming the parameter."""
+        params = list(self.signature.parameters)[1:]
+        if len(args) > len(params):
+            raise ValueError(f"{self.name} takes {len(params)} arguments, got {len(args)}")
+        out = []
+        for name, arg, kind in zip(params, args, self.arg_types):
+            try:
+                out.append(arg if kind is Any else msgspec.convert(arg, kind))
+            except msgspec.ValidationError as e:
+                raise ValueError(f"{self.name}: argument {name}: {e}") from e
+        return out
 
 
 def engine_method(combine: Callable[[list[Any]], Any]) -> Callable[[T], T]:
@@ -140,7 +159,10 @@ def _collect(cls: type) -> dict[str, EngineMethod]:
     for name, fn in vars(cls).items():
         combine = getattr(fn, "__engine_combine__", None)
         if combine is not None:
-            methods[name] = EngineMethod(name, inspect.signature(fn), combine, fn.__doc__ or "")
+            signature = inspect.signature(fn)
+            hints = typing.get_type_hints(fn)
+            types = tuple(hints.get(p, Any) for p in list(signature.parameters)[1:])
+            methods[name] = EngineMethod(name, signature, combine, fn.__doc__ or "", types)
     return methods
 
 

@@ -307,7 +307,7 @@ class RestartingManager:
                 if self._closing:
                     return  # given up for the shutdown
                 logger.error("restarting engine core %d failed: %s", index, e)
-                self._events.put(EngineEvent("dead", index, f"restart failed: {e}"))
+                self._events.put(EngineEvent("gone", index, f"restart failed: {e}"))
         finally:
             ctx.destroy(linger=0)
             unlink_ipc(address)

@@ -170,8 +170,9 @@ def _pass_on_engine_events(api_server_manager: APIServerProcessManager,
                          event.detail, ENGINE_DEATH_GRACE_S)
             time.sleep(ENGINE_DEATH_GRACE_S)
             raise RuntimeError(f"engine core died: {event.detail}")
-        logger.info("engine core %d %s (%s)", event.index,
-                    "died; restarting it" if event.kind == "dead" else "is back", event.detail)
+        what = {"dead": "died; restarting it", "ready": "is back",
+                "gone": "could not be restarted; the others serve without it"}[event.kind]
+        logger.info("engine core %d %s (%s)", event.index, what, event.detail)
 
 
 def run_multi_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
