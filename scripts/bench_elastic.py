@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--to", type=int, default=2, help="scale 1 -> TO -> 1")
     a = p.parse_args()
     llm = LLM(a.model, load_format="dummy", dtype="bfloat16", engine_process=True,
+              skip_tokenizer_init=True,
               data_parallel_backend=a.backend, kv_cache_memory_bytes=1 << 28)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     ups, downs = [], []
