@@ -113,6 +113,39 @@ def test_data_parallel_and_two_api_servers(llama_dir: Path, reference: list[str]
             assert f"fleetllm:generation_tokens_total {want:.1f}" in text, text[:3000]
 
 
+def test_a_burst_splits_between_engines_and_survives_the_coordinator(
+        llama_dir: Path, tmp_path: Path) -> None:
+    """64 requests at once through 2 API servers onto 2 engines: each engine gets 40-60% of
+    them (the prompts are of one length, so an engine's prefix-cache queries count its
+    requests), the greedy texts equal one engine's, and killing the DPCoordinator
+    mid-burst fails none of them."""
+    prompts = [[(7 * k + j) % 250 + 1 for j in range(16)] for k in range(64)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with make_llm(llama_dir, kv_cache_memory_bytes=KV, max_model_len=MAX_LEN) as llm:
+        expected = [o.outputs[0].text for o in llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    with serve(llama_dir, tmp_path / "server.log", "--data-parallel-size", "2",
+               "--api-server-count", "2") as s:
+        coordinator = next(p for p in psutil.Process(s.proc.pid).children()
+                           if p.name() == "fleetllm-coord")
+
+        def one(k: int) -> str:
+            if k == 32:
+                coordinator.kill()
+            with httpx.Client(headers=AUTH, timeout=120) as c:  # a connection each
+                r = c.post(f"{s.url}/v1/completions", json={
+                    "model": MODEL, "prompt": prompts[k], "max_tokens": 24,
+                    "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(64) as pool:
+            assert list(pool.map(one, range(64))) == expected
+        queries = _engine_queries(s.url)
+        share = queries["0"] / (queries["0"] + queries["1"])
+        assert 0.4 <= share <= 0.6, queries
+
+
 def test_data_parallel_ray(llama_dir: Path, reference: list[str], tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="--data-parallel-backend ray needs pip install -e .[ray]")
     # Two API servers too: each attaches to actors that the supervisor's Ray session owns.
