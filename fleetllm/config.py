@@ -245,6 +245,61 @@ class DeviceConfig:
     device: str = "cpu"
 
 
+SPEC_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """N-gram speculative decoding (vLLM's names): drafts of up to num_speculative_tokens
+    tokens copied from the context after its longest suffix match of prompt_lookup_min to
+    prompt_lookup_max tokens, verified by the target model in one step."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+
+    @staticmethod
+    def from_user(value: dict[str, Any] | str | None) -> SpeculativeConfig | None:
+        """From LLM(speculative_config={...}) or the CLI's JSON; None turns it off."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigurationError(f"speculative_config is not valid JSON ({e}); give "
+                                         'e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'') from e
+        if not isinstance(value, dict):
+            raise ConfigurationError(f"speculative_config={value!r} must be a dict (JSON object)")
+        names = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+        if unknown := sorted(set(value) - names):
+            raise ConfigurationError(f"speculative_config has unknown keys {unknown}; known: "
+                                     f"{sorted(names)}")
+        if value.get("method", "ngram") not in SPEC_METHODS:
+            raise ConfigurationError(f"speculative_config method={value['method']!r} is not "
+                                     f"supported; supported: {', '.join(SPEC_METHODS)}")
+        cfg = SpeculativeConfig(**value)
+        for name in names - {"method"}:
+            _positive(f"speculative_config {name}", getattr(cfg, name))
+        if cfg.prompt_lookup_min > cfg.prompt_lookup_max:
+            raise ConfigurationError(
+                f"speculative_config prompt_lookup_min={cfg.prompt_lookup_min} is larger than "
+                f"prompt_lookup_max={cfg.prompt_lookup_max}; lower it or raise the maximum")
+        return cfg
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (None in EngineConfig: off). max_loras adapters sit in slots next
+    to the weights, so at most that many distinct adapters run in one step; max_cpu_loras
+    stay loaded in host memory (LRU, pinned ones exempt)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
@@ -253,6 +308,8 @@ class EngineConfig:
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     load_config: LoadConfig = field(default_factory=LoadConfig)
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
+    speculative_config: SpeculativeConfig | None = None
+    lora_config: LoRAConfig | None = None
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -335,6 +392,36 @@ class EngineArgs:
     ray_placement: str = "spread"
     max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS
     execute_model_timeout_s: float = DEFAULT_EXECUTE_MODEL_TIMEOUT_S
+    speculative_config: dict[str, Any] | str | None = None
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
+
+    def _lora_config(self) -> LoRAConfig | None:
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            _positive(name, getattr(self, name))
+        if not self.enable_lora:
+            return None
+        cpu = self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+        if cpu < self.max_loras:
+            raise ConfigurationError(
+                f"max_cpu_loras={cpu} is fewer than max_loras={self.max_loras}: every adapter "
+                "in a slot is also kept in host memory; raise max_cpu_loras or lower max_loras")
+        return LoRAConfig(self.max_loras, self.max_lora_rank, cpu)
+
+    def _speculative_config(self) -> SpeculativeConfig | None:
+        spec = SpeculativeConfig.from_user(self.speculative_config)
+        if spec is not None and self.pipeline_parallel_size > 1:
+            raise ConfigurationError(
+                "speculative_config does not work with pipeline_parallel_size > 1 (the "
+                "batch queue keeps several steps in flight, so drafts would lag); use "
+                "tensor_parallel_size instead, or turn speculative decoding off")
+        if spec is not None and self.async_scheduling:
+            raise ConfigurationError(
+                "speculative_config does not work with async_scheduling (the next step is "
+                "scheduled before this step's accepted tokens are known); drop one of them")
+        return spec
 
     def _ray_placement(self) -> str:
         if self.ray_placement not in ("spread", "pack"):
@@ -350,6 +437,7 @@ class EngineArgs:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens",
                      "kv_cache_memory_bytes", "tensor_parallel_size", "pipeline_parallel_size"):
             _positive(name, getattr(self, name))
+        speculative = self._speculative_config()
         if self.load_format not in LOAD_FORMATS:
             raise ConfigurationError(
                 f"load_format={self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}"
@@ -417,4 +505,6 @@ class EngineArgs:
                                            execute_model_timeout_s=float(timeout)),
             load_config=LoadConfig(self.load_format),
             device_config=DeviceConfig(device),
+            speculative_config=speculative,
+            lora_config=self._lora_config(),
         )

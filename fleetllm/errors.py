@@ -35,6 +35,11 @@ class ConfigurationError(FleetLLMError, ValueError):
     code = "E005"
 
 
+class LoRAAdapterError(ModelLoadError, ValueError):
+    """A LoRA adapter that cannot be served: the message names the file, tensor or field.
+    The engine goes on; only the add_lora call (or the request) that needed it fails."""
+
+
 class EngineRestartingError(RuntimeError):
     """A utility call (collective_rpc, stats, ...) could not complete because an engine core
     died; the engine is being restarted. Requests are re-sent; utility calls are not."""

@@ -49,6 +49,17 @@ def test_bench_throughput_both_backends(llama_dir: Path, tmp_path: Path, backend
     assert result["backend"] == backend and result["output_tokens_per_s"] > 0
 
 
+def test_bench_throughput_with_random_loras(llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lora.json"
+    r = fleetllm("bench", "throughput", "--model", str(llama_dir), "--load-format", "dummy",
+                 "--enable-lora", "--num-loras", "3", "--max-lora-rank", "8",
+                 "--num-prompts", "6", "--input-len", "8", "--output-len", "4",
+                 "--output-json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "LoRA: 3 random adapters of rank 8, max_loras=3" in r.stdout
+    assert json.loads(out.read_text())["output_tokens_per_s"] > 0
+
+
 def test_bench_rpc(llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "rpc.json"
     r = fleetllm("bench", "rpc", "--model", str(llama_dir), "--backend", "uni",

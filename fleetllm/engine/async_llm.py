@@ -29,6 +29,7 @@ from fleetllm.engine.client import (
     check_utility_results,
 )
 from fleetllm.engine.inputs import (
+    check_lora,
     check_params,
     check_prompt,
     child_request_ids,
@@ -41,6 +42,7 @@ from fleetllm.engine.output import CompletionOutput, OutputProcessor, RequestOut
 from fleetllm.engine.protocol import forward_engine_methods_async
 from fleetllm.engine.tokenizer import Tokenizer
 from fleetllm.errors import EngineDeadError
+from fleetllm.lora.request import LoRARequest
 from fleetllm.sampling_params import SamplingParams
 from fleetllm.sched.output import EngineCoreOutput
 
@@ -312,21 +314,24 @@ class AsyncLLM:
         return self._require_tokenizer().apply_chat_template(messages, add_generation_prompt)
 
     # ---- requests ---------------------------------------------------------------------
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                      lora_request: LoRARequest | None = None) -> None:
         """Raises ValueError saying what to change, before anything reaches the engine."""
         check_prompt(self.config, prompt_token_ids)
         check_params(self.config, params)
+        check_lora(self.config, lora_request)
 
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                       request_id: str, prompt_text: str | None = None
+                       request_id: str, prompt_text: str | None = None,
+                       lora_request: LoRARequest | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs so far (cumulative) as they grow, the finished one
         last. Closing or cancelling the generator early aborts the request in the engine."""
-        self.check_request(prompt_token_ids, sampling_params)
+        self.check_request(prompt_token_ids, sampling_params, lora_request)
         self.engine_core.start()
         self.check_health()
         state = self._add_request(request_id, prompt_text, list(prompt_token_ids),
-                                  sampling_params)
+                                  sampling_params, lora_request)
         try:
             while True:
                 await state.wake.wait()
@@ -340,7 +345,8 @@ class AsyncLLM:
             self._remove(state)
 
     def _add_request(self, request_id: str, prompt: str | None, ids: list[int],
-                     params: SamplingParams) -> _RequestState:
+                     params: SamplingParams, lora_request: LoRARequest | None = None
+                     ) -> _RequestState:
         child_ids = child_request_ids(request_id, params.n)
         if request_id in self._requests or any(c in self._parent_of for c in child_ids):
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -353,7 +359,8 @@ class AsyncLLM:
         self._requests[request_id] = state
         self._parent_of.update(dict.fromkeys(child_ids, request_id))
         try:
-            for req in make_requests(self.config, request_id, ids, params, self._eos_token_ids):
+            for req in make_requests(self.config, request_id, ids, params, self._eos_token_ids,
+                                     lora_request):
                 self.engine_core.add_request(req)
         except BaseException:
             self._remove(state)

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from fleetllm import errors as fleet_errors
 from fleetllm.config import EngineConfig
 from fleetllm.distributed.reconfigure import ReconfigureRankType
 from fleetllm.engine.coordinator import LoadView
@@ -550,5 +551,22 @@ class SyncMPClient(EngineClientInterface):
 def check_utility_results(method: str, results: list[UtilityResult | None]) -> list[Any]:
     errors = [r.error for r in results if r is not None and r.error]
     if errors:
-        raise RuntimeError(f"{method} failed in the engine: {errors[0]}")
+        raise utility_error(method, errors[0])
     return [r.result for r in results]
+
+
+def utility_error(method: str, error: str) -> Exception:
+    """An engine method's error ("Type: message") as the same type where it is a fleetllm
+    error, ValueError or TypeError (a bad adapter stays a LoRAAdapterError, so callers can
+    tell a bad argument from a broken engine), else a RuntimeError."""
+    name, _, message = error.partition(": ")
+    cls = getattr(fleet_errors, name, None) or {"ValueError": ValueError,
+                                                "TypeError": TypeError}.get(name)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        if issubclass(cls, fleet_errors.FleetLLMError):
+            message = message.split("] ", 1)[-1]  # its code is added again
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return RuntimeError(f"{method} failed in the engine: {error}")

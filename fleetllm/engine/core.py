@@ -42,6 +42,7 @@ from fleetllm.errors import (
     WorkerCrashedError,
 )
 from fleetllm.executor.abstract import Executor
+from fleetllm.lora.request import LoRARequest
 from fleetllm.sched.output import EngineCoreOutput, KVCacheConfig
 from fleetllm.sched.request import Request, RequestStatus
 from fleetllm.sched.scheduler import Scheduler
@@ -71,7 +72,11 @@ class EngineCore(EngineClientInterface):
         # Grammars load lazily: building the manager costs nothing until a structured request.
         self.scheduler = Scheduler(config.scheduler_config, num_blocks,
                                    config.cache_config.block_size,
-                                   StructuredOutputManager(self.config))
+                                   StructuredOutputManager(self.config),
+                                   self._num_speculative_tokens(config),
+                                   max_loras=config.lora_config and config.lora_config.max_loras)
+        self.lora_requests: dict[int, LoRARequest] = {}  # the adapters add_lora accepted
+        self.pinned_loras: set[int] = set()
         batches = self.executor.max_concurrent_batches
         self.batch_queue: deque[tuple[Future[Any], Any]] | None = (
             deque(maxlen=batches) if batches > 1 else None)
@@ -107,9 +112,13 @@ class EngineCore(EngineClientInterface):
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.check_accepting()
+        lora = request.lora_request
+        if lora is not None and self.lora_requests.get(lora.lora_int_id) != lora:
+            self.add_lora(lora)  # a bad adapter fails this request alone, before it queues
         self.scheduler.add_request(Request(
             request.request_id, request.prompt_token_ids, request.sampling_params,
-            tuple(request.eos_token_ids), request.cache_salt, request.output_token_ids))
+            tuple(request.eos_token_ids), request.cache_salt, request.output_token_ids,
+            lora))
 
     def check_accepting(self) -> None:
         """Raises, before anything is queued, if a request could not run now."""
@@ -138,6 +147,8 @@ class EngineCore(EngineClientInterface):
                 sched_out = self.scheduler.schedule()
                 runner_out = self.executor.execute_model(sched_out)
                 outputs = self.scheduler.update_from_output(sched_out, runner_out)
+                if self.config.speculative_config is not None:
+                    self._take_drafts()
         except WorkerCrashedError as e:
             self._restart_workers(e)
             return []
@@ -152,6 +163,17 @@ class EngineCore(EngineClientInterface):
             logger.info("raised the limits to %d batched tokens, %d sequences",
                         self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs)
         return outputs
+
+    @staticmethod
+    def _num_speculative_tokens(config: EngineConfig) -> int:
+        spec = config.speculative_config
+        return spec.num_speculative_tokens if spec is not None else 0
+
+    def _take_drafts(self) -> None:
+        """The workers proposed drafts after sampling; the next schedule() verifies them."""
+        drafts = self.executor.take_draft_token_ids()
+        if drafts is not None:
+            self.scheduler.update_draft_token_ids(drafts)
 
     # ---- recovery -----------------------------------------------------------------------
     def _abandon_steps(self, kv_lost: bool = False) -> list[str]:
@@ -185,6 +207,7 @@ class EngineCore(EngineClientInterface):
         except BaseException as e:
             self._die(f"restarting the workers after ({error}) failed: {e}", e)
         self.scheduler.set_num_blocks(num_blocks)
+        self._repin_loras()
         self.num_worker_restarts += 1
         self.num_requests_recomputed += len(recovered)
         logger.warning("workers restarted in %.2f s; %d requests resume",
@@ -285,3 +308,65 @@ class EngineCore(EngineClientInterface):
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+    # ---- LoRA adapters --------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads and checks the adapter on every worker; False if it was loaded already. A
+        bad adapter raises LoRAAdapterError naming the file, field or tensor; the engine
+        goes on. Workers read an evicted adapter again from lora_path when a step needs it."""
+        self._require_lora()
+        lora_id = lora_request.lora_int_id
+        known = self.lora_requests.get(lora_id)
+        if known is not None and known != lora_request:
+            raise ValueError(
+                f"lora_int_id {lora_id} is already adapter {known.lora_name!r} "
+                f"({known.lora_path}); remove_lora({lora_id}) first or choose another id")
+        added = self.executor.add_lora(lora_request)
+        self.lora_requests[lora_id] = lora_request
+        return added
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forgets the adapter; requests already running with it still finish."""
+        self._require_lora()
+        self.lora_requests.pop(lora_id, None)
+        self.pinned_loras.discard(lora_id)
+        return self.executor.remove_lora(lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keeps the adapter in the workers' host memory: never evicted for another."""
+        self._require_lora()
+        pinned = self.executor.pin_lora(lora_id)
+        self.pinned_loras.add(lora_id)
+        return pinned
+
+    def get_lora_requests(self) -> list[LoRARequest]:
+        return list(self.lora_requests.values())
+
+    def lora_load(self) -> dict[str, list[int]]:
+        load: dict[str, list[int]] = {}
+        for column, requests in enumerate((self.scheduler.running, self.scheduler.waiting)):
+            for req in requests:
+                if req.lora_request is not None:
+                    load.setdefault(req.lora_request.lora_name, [0, 0])[column] += 1
+        return load
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters in the workers' host memory."""
+        self._require_lora()
+        return self.executor.list_loras()
+
+    def _repin_loras(self) -> None:
+        """Restarted workers start with no adapters; the others load again on demand."""
+        for lora_id in sorted(self.pinned_loras):
+            try:
+                self.executor.add_lora(self.lora_requests[lora_id])
+                self.executor.pin_lora(lora_id)
+            except Exception as e:  # noqa: BLE001 - serving goes on; the adapter is unpinned
+                logger.warning("could not pin LoRA adapter %d again after the restart: %s",
+                               lora_id, e)
+                self.pinned_loras.discard(lora_id)
+
+    def _require_lora(self) -> None:
+        if self.config.lora_config is None:
+            raise ConfigurationError("LoRA is not enabled in this engine; create it with "
+                                     "enable_lora=True (--enable-lora)")

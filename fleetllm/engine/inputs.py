@@ -7,6 +7,7 @@ from typing import Any
 
 from fleetllm.config import EngineConfig
 from fleetllm.engine.messages import EngineCoreRequest
+from fleetllm.lora.request import LoRARequest
 from fleetllm.sampling_params import SamplingParams
 
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -67,11 +68,23 @@ def child_request_ids(request_id: str, n: int) -> list[str]:
     return [request_id] if n == 1 else [f"{i}_{request_id}" for i in range(n)]
 
 
+def check_lora(config: EngineConfig, lora_request: Any, what: str = "lora_request") -> None:
+    """A request's adapter: a LoRARequest, on an engine created with enable_lora=True."""
+    if lora_request is None:
+        return
+    if not isinstance(lora_request, LoRARequest):
+        raise TypeError(f"{what} must be a fleetllm.lora.request.LoRARequest or None, got "
+                        f"{type(lora_request).__name__}")
+    if config.lora_config is None:
+        raise ValueError(f"{what} {lora_request.lora_name!r} needs an engine created with "
+                         "enable_lora=True (--enable-lora)")
+
+
 def make_requests(config: EngineConfig, request_id: str, ids: list[int],
-                  params: SamplingParams, eos_token_ids: tuple[int, ...]
-                  ) -> list[EngineCoreRequest]:
+                  params: SamplingParams, eos_token_ids: tuple[int, ...],
+                  lora_request: LoRARequest | None = None) -> list[EngineCoreRequest]:
     """The typed engine requests, built once here at the front end: one per completion;
-    copy k of a seeded n > 1 request uses seed + k."""
+    copy k of a seeded n > 1 request uses seed + k. The adapter travels as one field."""
     # Prompt logprobs need every prompt position computed, so no prefix-cache hits;
     # without prefix caching, the n copies still share their prompt's blocks.
     if params.prompt_logprobs is not None:
@@ -86,5 +99,5 @@ def make_requests(config: EngineConfig, request_id: str, ids: list[int],
         if params.n > 1 and params.seed is not None:
             child_params = params.clone(seed=params.seed + i)
         requests.append(EngineCoreRequest(child_id, ids, child_params, list(eos_token_ids),
-                                          salt))
+                                          salt, lora_request=lora_request))
     return requests

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from fleetllm.lora.request import LoRARequest
 from fleetllm.sampling_params import SamplingParams
 from fleetllm.sched.output import EngineCoreOutput
 
@@ -31,6 +32,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True):
     # Tokens the request already produced elsewhere (it is resumed after an engine died);
     # the engine recomputes them and goes on from there.
     output_token_ids: list[int] = msgspec.field(default_factory=list)
+    lora_request: LoRARequest | None = None  # None: the base model
 
 
 class UtilityCall(msgspec.Struct, array_like=True):

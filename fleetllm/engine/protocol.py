@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from fleetllm.lora.request import LoRARequest
+
 T = TypeVar("T")
 
 
@@ -61,6 +63,20 @@ def _union(results: list[Any]) -> set[Any]:
     return set().union(*(set(r) for r in results))
 
 
+def _sum_lists(results: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+    merged: dict[str, list[int]] = {}
+    for per_engine in results:
+        for key, counts in per_engine.items():
+            merged[key] = [a + b for a, b in zip(merged.get(key, [0] * len(counts)), counts)]
+    return merged
+
+
+def _by_lora_id(results: list[list[Any]]) -> list[Any]:
+    """Every engine's adapters, once each (by lora_int_id), in id order."""
+    merged = {lora.lora_int_id: lora for per_engine in results for lora in per_engine}
+    return [merged[k] for k in sorted(merged)]
+
+
 @dataclass(frozen=True)
 class EngineMethod:
     """One declared engine method: its signature, and how per-engine results combine (every
@@ -71,6 +87,14 @@ class EngineMethod:
     combine: Callable[[list[Any]], Any]
     doc: str
     arg_types: tuple[Any, ...]  # each parameter's annotation, as declared
+    return_type: Any = Any
+
+    def results(self, per_engine: list[Any]) -> Any:
+        """The engines' results (plain msgpack data from engine processes) as the declared
+        type, combined: a list of LoRARequests arrives as maps and leaves as LoRARequests."""
+        if self.return_type not in (Any, type(None)):
+            per_engine = [msgspec.convert(r, self.return_type) for r in per_engine]
+        return self.combine(per_engine)
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
         """The call's arguments as the positional list a UtilityCall carries."""
@@ -145,6 +169,38 @@ class EngineClientInterface:
         """Each worker writes its own shard; load them with load_format='sharded_state'."""
         raise NotImplementedError
 
+    @engine_method(_all)
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads and checks an adapter on every worker (False: it was loaded already); a bad
+        one raises LoRAAdapterError naming the file, field or tensor, and nothing changes."""
+        raise NotImplementedError
+
+    @engine_method(_all)
+    def pin_lora(self, lora_id: int) -> bool:
+        """Exempts an adapter from eviction from the workers' host memory."""
+        raise NotImplementedError
+
+    @engine_method(_union)
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters loaded in the workers' host memory."""
+        raise NotImplementedError
+
+    @engine_method(_by_lora_id)
+    def get_lora_requests(self) -> list[LoRARequest]:
+        """The adapters add_lora accepted (and not removed since): what a request's model
+        name may pick. The engines are the one registry every API server reads."""
+        raise NotImplementedError
+
+    @engine_method(_sum_lists)
+    def lora_load(self) -> dict[str, list[int]]:
+        """Per adapter name: [running, waiting] requests (summed over engines)."""
+        raise NotImplementedError
+
+    @engine_method(_all)
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forgets an adapter; requests already running with it finish."""
+        raise NotImplementedError
+
     @engine_method(_none)
     def reinitialize_distributed(self, new_data_parallel_size: int,
                                  new_data_parallel_rank: int = -1) -> None:
@@ -162,7 +218,8 @@ def _collect(cls: type) -> dict[str, EngineMethod]:
             signature = inspect.signature(fn)
             hints = typing.get_type_hints(fn)
             types = tuple(hints.get(p, Any) for p in list(signature.parameters)[1:])
-            methods[name] = EngineMethod(name, signature, combine, fn.__doc__ or "", types)
+            methods[name] = EngineMethod(name, signature, combine, fn.__doc__ or "", types,
+                                         hints.get("return", Any))
     return methods
 
 
@@ -183,7 +240,7 @@ def forward_engine_methods(cls: type[T]) -> type[T]:
     (one result per engine), combined as declared."""
     for name, spec in ENGINE_METHODS.items():
         def call(self: Any, *args: Any, _spec: EngineMethod = spec, **kwargs: Any) -> Any:
-            return _spec.combine(self.call_utility(_spec.name, *_spec.bind(args, kwargs)))
+            return _spec.results(self.call_utility(_spec.name, *_spec.bind(args, kwargs)))
         _install(cls, name, call, spec)
     return cls
 
@@ -196,7 +253,7 @@ def forward_engine_methods_async(cls: type[T]) -> type[T]:
             self.check_health()
             results = await self.engine_core.call_utility_async(
                 _spec.name, *_spec.bind(args, kwargs))
-            return _spec.combine(results)
+            return _spec.results(results)
         _install(cls, name, call, spec)
     return cls
 

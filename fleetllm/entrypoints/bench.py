@@ -19,6 +19,11 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--output-json", default=None, help="also write the figures to this file")
+    add_workload_args(p)
+    p.add_argument("--num-loras", type=int, default=0,
+                   help="with --enable-lora: this many random adapters of rank "
+                        "--max-lora-rank, the prompts spread over them in turn (--max-loras "
+                        "is raised to it, so all run together)")
     p.add_argument("--structured-output", choices=["json"], default=None,
                    help="json: every request's output follows a small JSON schema (an array "
                         "of at least output-len small objects, so the grammar cannot end "
@@ -29,6 +34,35 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
 def random_prompts(vocab: int, num: int, length: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, vocab, size=(num, length)).tolist()
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", choices=["random", "repetitive"], default="random",
+                   help="random: uniform random token ids; repetitive: each prompt is one "
+                        "random block of --block-len tokens repeated (output that continues "
+                        "the cycle suits n-gram speculative decoding)")
+    p.add_argument("--block-len", type=int, default=16,
+                   help="the repeated block's length for --workload repetitive")
+
+
+def workload_prompts(args: argparse.Namespace, vocab: int, num: int, length: int
+                     ) -> list[list[int]]:
+    if getattr(args, "workload", "random") == "random":
+        return random_prompts(vocab, num, length, args.seed)
+    blocks = random_prompts(vocab, num, args.block_len, args.seed)
+    return [(b * (length // len(b) + 1))[:length] for b in blocks]
+
+
+def spec_decode_summary(stats: dict[str, float]) -> dict[str, float]:
+    """Prints and returns the acceptance figures of a run with speculative decoding."""
+    if "spec_decode_num_drafts" not in stats:
+        return {}
+    out = {k: v for k, v in stats.items() if k.startswith("spec_decode_")}
+    print(f"Speculative decoding: {int(out['spec_decode_num_drafts'])} drafts, "
+          f"{int(out['spec_decode_num_draft_tokens'])} draft tokens, acceptance rate "
+          f"{100 * out['spec_decode_acceptance_rate']:.1f}%, mean acceptance length "
+          f"{out['spec_decode_mean_acceptance_length']:.2f}")
+    return out
 
 
 def bench_schema(min_items: int) -> dict[str, Any]:
@@ -86,12 +120,19 @@ def run_fleetllm(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dic
         kwargs = {**engine_kwargs, "skip_tokenizer_init": structured is None}
         if structured:
             kwargs["model"] = _with_tokenizer(kwargs.get("model"), tmp)
+        num_loras = getattr(args, "num_loras", 0)
+        if num_loras:
+            if not kwargs.get("enable_lora"):
+                raise ValueError("--num-loras needs --enable-lora")
+            kwargs["max_loras"] = max(kwargs.get("max_loras") or 1, num_loras)
+            kwargs["max_cpu_loras"] = max(kwargs.get("max_cpu_loras") or 1, num_loras)
         start = time.perf_counter()
         llm = LLM(**kwargs)
         startup = time.perf_counter() - start
         try:
             vocab = llm.config.model_config.vocab_size
-            prompts = random_prompts(vocab, args.num_prompts, args.input_len, args.seed)
+            prompts = workload_prompts(args, vocab, args.num_prompts, args.input_len)
+            loras = _random_loras(llm, num_loras, tmp, len(prompts))
             # The same sampling settings as vLLM's throughput benchmark.
             params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True,
                                     max_tokens=args.output_len)
@@ -107,9 +148,10 @@ def run_fleetllm(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dic
                       f"{time.perf_counter() - start:.2f} s")
             start, cpu_start = time.perf_counter(), time.process_time()
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                use_tqdm=True)
+                                use_tqdm=True, lora_request=loras)
             elapsed = time.perf_counter() - start
             cpu = time.process_time() - cpu_start
+            spec_stats = spec_decode_summary(llm.get_stats())
         finally:
             llm.shutdown()
     lengths = [len(o.outputs[0].token_ids) for o in outs]
@@ -123,11 +165,30 @@ def run_fleetllm(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dic
     # when the workers run in this process (the uni executor).
     result["cpu_s"] = round(cpu, 3)
     result["output_tokens_per_cpu_s"] = sum(lengths) / cpu
+    result.update(spec_stats)
     print(f"CPU time of this process: {cpu:.2f} s "
           f"({result['output_tokens_per_cpu_s']:.2f} output tokens per CPU second)")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=2))
     return result
+
+
+def _random_loras(llm: Any, num: int, tmp: str, num_prompts: int) -> list[Any] | None:
+    """num random adapters of rank max_lora_rank, loaded before the timed run; prompt k
+    runs under adapter k % num."""
+    if not num:
+        return None
+    from fleetllm import LoRARequest
+    from fleetllm.lora.random_adapter import write_random_adapter
+
+    rank = llm.config.lora_config.max_lora_rank
+    loras = [LoRARequest(f"bench{k}", k + 1, str(write_random_adapter(
+        llm.config.model_config, Path(tmp) / f"lora{k}", rank, seed=k))) for k in range(num)]
+    for lora in loras:
+        llm.add_lora(lora)
+    print(f"LoRA: {num} random adapters of rank {rank}, max_loras="
+          f"{llm.config.lora_config.max_loras}")
+    return [loras[k % num] for k in range(num_prompts)]
 
 
 def run_hf(args: argparse.Namespace) -> dict[str, Any]:

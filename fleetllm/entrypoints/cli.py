@@ -74,6 +74,18 @@ def _engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> 
                    help="a step that runs longer counts as hung: its workers are restarted")
     p.add_argument("--worker-extension-cls", default=None,
                    help="a 'package.module.Class' mixed into every worker")
+    p.add_argument("--speculative-config", default=None,
+                   help='n-gram speculative decoding as JSON, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, '
+                        '"prompt_lookup_max": 5}\'')
+    p.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters (PEFT directories) on top of the base model")
+    p.add_argument("--max-loras", type=int, default=1,
+                   help="adapter slots next to the weights: distinct adapters in one step")
+    p.add_argument("--max-lora-rank", type=int, default=16,
+                   help="the largest adapter rank (r) accepted")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in host memory, LRU (default: --max-loras)")
 
 
 def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -93,6 +105,9 @@ def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 max_worker_restarts=a.max_worker_restarts,
                 execute_model_timeout_s=a.execute_model_timeout_s,
                 worker_extension_cls=a.worker_extension_cls,
+                speculative_config=a.speculative_config,
+                enable_lora=a.enable_lora, max_loras=a.max_loras,
+                max_lora_rank=a.max_lora_rank, max_cpu_loras=a.max_cpu_loras,
                 skip_tokenizer_init=getattr(a, "skip_tokenizer_init", False))
 
 
@@ -216,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-server-count", type=int, default=1,
                        help="HTTP server processes sharing the port (each with its own "
                             "client of every engine core)")
+    serve.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                       help="LoRA adapters (PEFT directories) to serve from the start, each "
+                            "picked by a request's model field (needs --enable-lora); also "
+                            "'{\"name\": ..., \"path\": ...}'")
+    serve.add_argument("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     serve.add_argument("--enable-elastic-ep", action=argparse.BooleanOptionalAction,
                        default=False,
                        help="serve POST /scale_elastic_ep and GET /is_scaling_elastic_ep, "
@@ -258,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_throughput_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
+
+    lat = bench_parser("latency", help="latency of one small batch: output tokens/s and "
+                                       "the latency per output token")
+    _engine_args(lat)
+    from fleetllm.entrypoints.bench_latency import add_latency_args
+
+    add_latency_args(lat)
+    lat.set_defaults(func=lambda a: bench_latency(a))
 
     rpc = bench_parser("rpc", help="collective_rpc round trip of a no-op")
     _engine_args(rpc)
@@ -302,6 +332,13 @@ def bench_recovery(a: argparse.Namespace) -> int:
     from fleetllm.entrypoints.bench_recovery import run_recovery
 
     run_recovery(a, _llm_kwargs(a))
+    return 0
+
+
+def bench_latency(a: argparse.Namespace) -> int:
+    from fleetllm.entrypoints.bench_latency import run_latency
+
+    run_latency(a, _llm_kwargs(a))
     return 0
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from fleetllm.config import EngineArgs
 from fleetllm.engine.core import EngineCore
 from fleetllm.engine.inputs import (
+    check_lora,
     check_params,
     check_prompt,
     child_request_ids,
@@ -23,6 +24,7 @@ from fleetllm.engine.inputs import (
 from fleetllm.engine.output import OutputProcessor, RequestOutput
 from fleetllm.engine.protocol import EngineClientInterface, delegate_engine_methods
 from fleetllm.engine.tokenizer import Tokenizer
+from fleetllm.lora.request import LoRARequest
 from fleetllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,10 @@ class LLM(EngineClientInterface):
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
+        """lora_request: one adapter for every prompt, or one (or None) per prompt."""
         self._check_awake()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -90,17 +95,33 @@ class LLM(EngineClientInterface):
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} "
                                  "prompts; pass one, or one per prompt")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        elif not isinstance(lora_request, (list, tuple)):
+            raise TypeError("lora_request must be a LoRARequest, a list of them (None for the "
+                            f"base model), or None; got {type(lora_request).__name__}")
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} lora_requests for {len(prompts)} prompts; "
+                                 "pass one, or one (or None) per prompt")
         # Validate everything before adding anything, so a bad prompt leaves no half-batch.
         inputs = [self._tokenize(p, i) for i, p in enumerate(prompts)]
         for params in params_list:
             check_params(self.config, params)
-        request_ids = [self._add_request(text, ids, params)
-                       for (text, ids), params in zip(inputs, params_list)]
+        for i, lora in enumerate(loras):
+            check_lora(self.config, lora, f"lora_request {i}")
+        # Load each adapter first: a bad one raises LoRAAdapterError with nothing queued.
+        for lora in dict.fromkeys(lora for lora in loras if lora is not None):
+            self.engine_core.add_lora(lora)
+        request_ids = [self._add_request(text, ids, params, lora)
+                       for (text, ids), params, lora in zip(inputs, params_list, loras)]
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True,
+             lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         self._check_awake()
         tok = self._require_tokenizer()
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
@@ -109,7 +130,7 @@ class LLM(EngineClientInterface):
             text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(
                 text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _check_awake(self) -> None:
         """A sleeping engine has no KV cache (nor weights, at level 2): fail before anything
@@ -143,14 +164,15 @@ class LLM(EngineClientInterface):
         check_prompt(self.config, ids, f"prompt {index}")
         return text, ids
 
-    def _add_request(self, prompt: str | None, ids: list[int], params: SamplingParams) -> str:
+    def _add_request(self, prompt: str | None, ids: list[int], params: SamplingParams,
+                     lora_request: LoRARequest | None = None) -> str:
         request_id = str(next(self._counter))
         child_ids = child_request_ids(request_id, params.n)
         self.output_processor.add_request(request_id, child_ids, prompt, ids, params)
         eos = self.config.model_config.eos_token_ids
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = tuple(dict.fromkeys((*eos, self.tokenizer.eos_token_id)))
-        for req in make_requests(self.config, request_id, ids, params, eos):
+        for req in make_requests(self.config, request_id, ids, params, eos, lora_request):
             self.engine_core.add_request(req)
         return request_id
 

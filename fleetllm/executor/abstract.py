@@ -17,7 +17,14 @@ from fleetllm.config import EngineConfig
 from fleetllm.distributed.reconfigure import ReconfigureDistributedRequest, ReconfigureRankType
 from fleetllm.errors import ConfigurationError, WorkerCrashedError
 from fleetllm.executor.calls import CallTable, FailureCallback
-from fleetllm.sched.output import KVCacheConfig, KVCacheSpec, ModelRunnerOutput, SchedulerOutput
+from fleetllm.lora.request import LoRARequest
+from fleetllm.sched.output import (
+    DraftTokenIds,
+    KVCacheConfig,
+    KVCacheSpec,
+    ModelRunnerOutput,
+    SchedulerOutput,
+)
 from fleetllm.worker.worker_base import resolve_obj_by_qualname
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,11 @@ class ExecutionMetrics:
 BACKENDS = ("uni", "mp", "ray", "external_launcher")
 # The default KV cache's room beyond max_num_seqs full sequences, kept for cached prefixes.
 PREFIX_CACHE_SHARE = 0.25
+
+
+def _check_lora_id(lora_id: int) -> None:
+    if not isinstance(lora_id, int) or isinstance(lora_id, bool) or lora_id < 1:
+        raise ValueError(f"lora_id={lora_id!r} must be an integer >= 1 (0 is the base model)")
 
 
 class Executor(ABC):
@@ -234,8 +246,10 @@ class Executor(ABC):
     def execute_dummy_batch(self) -> None:
         self.collective_rpc("execute_dummy_batch")
 
-    def take_draft_token_ids(self) -> Any:
-        return self.collective_rpc("take_draft_token_ids")[0]
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """The output rank's drafts for the next step (the other ranks answer None)."""
+        output: list[DraftTokenIds | None] = self.collective_rpc("take_draft_token_ids")
+        return output[self.output_rank]
 
     def reinitialize_distributed(self, reconfig_request: ReconfigureDistributedRequest) -> None:
         """Elastic data parallel: every worker learns the new fleet (and its thread count);
@@ -261,6 +275,25 @@ class Executor(ABC):
                            max_size: int | None = None) -> None:
         self.collective_rpc("save_sharded_state",
                             kwargs={"path": path, "pattern": pattern, "max_size": max_size})
+
+    # ---- LoRA adapters: every worker loads, drops or pins its shard of the adapter -------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        _check_lora_id(lora_request.lora_int_id)
+        return all(self.collective_rpc("add_lora", args=(lora_request,)))
+
+    def remove_lora(self, lora_id: int) -> bool:
+        _check_lora_id(lora_id)
+        return all(self.collective_rpc("remove_lora", args=(lora_id,)))
+
+    def pin_lora(self, lora_id: int) -> bool:
+        _check_lora_id(lora_id)
+        return all(self.collective_rpc("pin_lora", args=(lora_id,)))
+
+    def list_loras(self) -> set[int]:
+        sets: list[set[int]] = self.collective_rpc("list_loras")
+        if any(s != sets[0] for s in sets):
+            raise RuntimeError(f"the workers hold different LoRA adapters: {sets}")
+        return sets[0]
 
     @cached_property
     def supported_tasks(self) -> tuple[str, ...]:

@@ -153,6 +153,16 @@ class KVCacheManager:
         self.num_cached_blocks.pop(req.request_id, None)
         self.pool.release(reversed(blocks))
 
+    def trim(self, req: Request) -> None:
+        """Frees the blocks past the request's known tokens: slots only rejected draft
+        tokens used (never hashed: hashes cover known tokens only)."""
+        blocks = self.req_blocks.get(req.request_id)
+        keep = cdiv(req.num_tokens, self.block_size)
+        if blocks is not None and len(blocks) > keep:
+            extra = blocks[keep:]
+            del blocks[keep:]
+            self.pool.release(reversed(extra))
+
     def take_new_hashes(self) -> list[KVCacheBlock]:
         blocks, self.new_hashes = self.new_hashes, []
         return blocks

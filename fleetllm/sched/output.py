@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from fleetllm.lora.request import LoRARequest
 from fleetllm.sampling_params import SamplingParams
 
 
@@ -17,6 +18,7 @@ class NewRequestData(msgspec.Struct, array_like=True):
     block_ids: list[int]
     num_computed_tokens: int
     eos_token_ids: list[int]
+    lora_request: LoRARequest | None = None
 
 
 class CachedRequestData(msgspec.Struct, array_like=True):
@@ -39,6 +41,9 @@ class SchedulerOutput(msgspec.Struct, array_like=True):
     # int32 words, bit t % 32 of word t // 32 set when token t is allowed.
     structured_output_request_ids: list[str] = msgspec.field(default_factory=list)
     grammar_bitmask: bytes = b""
+    # Speculative decoding: the draft tokens verified in this step, after each request's
+    # known tokens (counted in num_scheduled_tokens, with KV slots).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = msgspec.field(default_factory=dict)
 
     @staticmethod
     def empty(finished_req_ids: list[str] | None = None) -> SchedulerOutput:
@@ -51,6 +56,9 @@ class LogprobsLists(msgspec.Struct, array_like=True):
     logprob_token_ids: list[list[int]]
     logprobs: list[list[float]]
     sampled_token_ranks: list[int]
+    # Speculative decoding: one row per emitted token; request i's rows are
+    # cu_num_tokens[i]:cu_num_tokens[i + 1]. None: one row per request.
+    cu_num_tokens: list[int] | None = None
 
 
 class PromptLogprobs(msgspec.Struct, array_like=True):
@@ -73,6 +81,13 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True):
 
 
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [])
+
+
+class DraftTokenIds(msgspec.Struct, array_like=True):
+    """The output rank's proposals for the next step (Executor.take_draft_token_ids)."""
+
+    req_ids: list[str]
+    draft_token_ids: list[list[int]]
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):

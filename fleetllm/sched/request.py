@@ -6,6 +6,7 @@ import enum
 import hashlib
 from array import array
 
+from fleetllm.lora.request import LoRARequest
 from fleetllm.sampling_params import SamplingParams
 
 
@@ -36,8 +37,10 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, eos_token_ids: tuple[int, ...] = (),
-                 cache_salt: str | None = "", output_token_ids: list[int] | None = None) -> None:
+                 cache_salt: str | None = "", output_token_ids: list[int] | None = None,
+                 lora_request: LoRARequest | None = None) -> None:
         self.request_id = request_id
+        self.lora_request = lora_request
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -54,6 +57,8 @@ class Request:
         self.cache_salt = cache_salt
         self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
+        # Speculative decoding: the worker's drafts, verified in the next step (then cleared).
+        self.spec_token_ids: list[int] = []
         # The copies of one n > 1 request ("{k}_{request id}", engine/inputs.py) form a
         # group, whose share of the running slots the scheduler bounds.
         self.group = request_id.partition("_")[2] if sampling_params.n > 1 else None
@@ -81,9 +86,22 @@ class Request:
         hashes = self.block_hashes
         while (len(hashes) + 1) * block_size <= self.num_tokens:
             start = len(hashes) * block_size
-            parent = hashes[-1] if hashes else self.cache_salt.encode()
+            parent = hashes[-1] if hashes else self._hash_root()
             hashes.append(hash_block(parent, self.all_token_ids[start:start + block_size]))
         return hashes
+
+    @property
+    def lora_int_id(self) -> int:
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
+
+    def _hash_root(self) -> bytes:
+        """The first block's parent: the salt, and the adapter (the same tokens under
+        another adapter have other KV)."""
+        lora = self.lora_request
+        if lora is None:
+            return self.cache_salt.encode()
+        return (f"{self.cache_salt}\0lora\0{lora.lora_int_id}\0{lora.lora_name}\0"
+                f"{lora.lora_path}").encode()
 
     def check_stop(self, token_id: int, max_model_len: int) -> bool:
         """Sets the finished status after token_id was appended; True if finished."""

@@ -9,14 +9,18 @@ from typing import TYPE_CHECKING
 
 from fleetllm.config import SchedulerConfig
 from fleetllm.sched.kv_cache_manager import KVCacheBlock, KVCacheManager
+from fleetllm.sched.lora_admission import LoRAAdmission
 from fleetllm.sched.output import (
     CachedRequestData,
+    DraftTokenIds,
     EngineCoreOutput,
+    LogprobsLists,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
 )
 from fleetllm.sched.request import Request, RequestStatus
+from fleetllm.spec_decode.metrics import SpecDecodingStats
 
 if TYPE_CHECKING:
     from fleetllm.structured.manager import StructuredOutputManager
@@ -26,8 +30,14 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int,
-                 structured_outputs: StructuredOutputManager | None = None) -> None:
+                 structured_outputs: StructuredOutputManager | None = None,
+                 num_speculative_tokens: int = 0, max_loras: int | None = None) -> None:
         self.config = config
+        # LoRA: at most max_loras distinct adapters per step; None when LoRA is off.
+        self.lora = LoRAAdmission(max_loras) if max_loras else None
+        # Speculative decoding's counters; None when it is off.
+        self.spec_stats = (SpecDecodingStats(num_speculative_tokens)
+                           if num_speculative_tokens else None)
         # Grammars of structured-output requests; None: the engine has no tokenizer for them.
         self.structured = structured_outputs
         self.kv = KVCacheManager(num_blocks, block_size)
@@ -86,6 +96,7 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         cached = CachedRequestData()
+        spec_tokens: dict[str, list[int]] = {}
         preempted = False
 
         i = 0
@@ -97,6 +108,8 @@ class Scheduler:
             if num_new <= 0 or (pending and self._will_finish(req)):
                 i += 1  # its last step is still in flight, or that step will be its last
                 continue
+            drafts = self._drafts(req, num_new, budget) if req.spec_token_ids else []
+            num_new += len(drafts)
             while (new_block_ids := self.kv.allocate_slots(req, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -106,6 +119,8 @@ class Scheduler:
             if new_block_ids is None:
                 break
             num_scheduled[req.request_id] = num_new
+            if drafts:
+                spec_tokens[req.request_id] = drafts
             budget -= num_new
             cached.req_ids.append(req.request_id)
             cached.new_token_ids.append(req.all_token_ids[req.num_sent_tokens:])
@@ -118,6 +133,8 @@ class Scheduler:
         for r in self.running:
             if r.group is not None:
                 group_running[r.group] = group_running.get(r.group, 0) + 1
+        if self.lora is not None:
+            self.lora.start_step(self.running)
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             req = self._next_waiting(group_running)
@@ -128,6 +145,8 @@ class Scheduler:
             if self.kv.allocate_slots(req, num_new, computed) is None:
                 break
             self.waiting.remove(req)
+            if self.lora is not None:
+                self.lora.admitted(req)
             if req.group is not None:
                 group_running[req.group] = group_running.get(req.group, 0) + 1
             if req.num_cached_tokens < 0:
@@ -140,6 +159,7 @@ class Scheduler:
             new_reqs.append(NewRequestData(
                 req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
                 req.sampling_params, self.kv.block_ids(req), num_hit, list(req.eos_token_ids),
+                req.lora_request,
             ))
             req.num_sent_tokens = req.num_tokens
 
@@ -151,7 +171,7 @@ class Scheduler:
                 req.num_output_placeholders += 1  # this step samples; the worker keeps it
         finished, self.finished_req_ids = self.finished_req_ids, []
         out = SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()),
-                              finished)
+                              finished, scheduled_spec_decode_tokens=spec_tokens)
         self._attach_grammar_bitmask(out)
         if out.total_num_scheduled_tokens:  # an empty step is never sent to the workers
             self.in_flight.append((out, self.kv.take_new_hashes()))
@@ -163,7 +183,8 @@ class Scheduler:
         until they all finish. None when only such copies wait and the cap is reached."""
         cap = max(1, self.max_num_seqs // 2)
         for req in self.waiting:
-            if req.group is None or group_running.get(req.group, 0) < cap:
+            if (req.group is None or group_running.get(req.group, 0) < cap) and (
+                    self.lora is None or self.lora.admits(req)):
                 return req
         return None
 
@@ -190,6 +211,9 @@ class Scheduler:
                 continue  # aborted or preempted while the step ran
             token_ids = runner_out.sampled_token_ids[i]
             prompt_lp = runner_out.prompt_logprobs.get(req_id)
+            drafts = sched_out.scheduled_spec_decode_tokens.get(req_id)
+            if drafts:
+                self._roll_back_rejected(req, len(drafts), len(token_ids) - 1)
             if not token_ids and prompt_lp is None:
                 continue
             new_ids: list[int] = []
@@ -205,10 +229,11 @@ class Scheduler:
             if not req.is_finished and self._grammar_ended(req):
                 req.status = RequestStatus.FINISHED_STOPPED
                 stopped.append(req)
+            if drafts and not req.is_finished:
+                self.kv.trim(req)
             new_lp = None
             if logprobs is not None and req.sampling_params.logprobs is not None and new_ids:
-                new_lp = [(logprobs.logprob_token_ids[i], logprobs.logprobs[i],
-                           logprobs.sampled_token_ranks[i])]
+                new_lp = _new_logprobs(logprobs, i, len(new_ids))
             outputs.append(EngineCoreOutput(
                 req_id, new_ids, new_lp, prompt_lp, req.status.finish_reason, req.stop_reason,
                 max(req.num_cached_tokens, 0),
@@ -223,6 +248,36 @@ class Scheduler:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
+
+    # ---- speculative decoding ------------------------------------------------------------
+    def update_draft_token_ids(self, drafts: DraftTokenIds) -> None:
+        """The workers' drafts, verified when each request is next scheduled. A grammar's
+        mask covers one position at a time, so structured requests never speculate."""
+        for req_id, ids in zip(drafts.req_ids, drafts.draft_token_ids):
+            req = self.requests.get(req_id)
+            if (req is not None and req.status == RequestStatus.RUNNING
+                    and req.sampling_params.structured_outputs is None):
+                req.spec_token_ids = ids
+
+    def _drafts(self, req: Request, num_new: int, budget: int) -> list[int]:
+        """The request's drafts that fit this step: only after all its known tokens, within
+        the token budget, and so short that every draft plus the bonus token stays within
+        max_tokens and max_model_len."""
+        drafts, req.spec_token_ids = req.spec_token_ids, []
+        if num_new != req.num_tokens - req.num_computed_tokens:
+            return []
+        room = min(budget - num_new, self.config.max_model_len - req.num_tokens - 1)
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - req.num_output_tokens - 1)
+        return drafts[:max(room, 0)]
+
+    def _roll_back_rejected(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        """The rejected drafts' KV slots are not computed tokens: the next step writes
+        over them (and update_from_output frees the blocks only they used)."""
+        req.num_computed_tokens -= num_drafts - num_accepted
+        if self.spec_stats is not None:
+            self.spec_stats.observe(num_drafts, num_accepted)
 
     # ---- structured outputs (the grammar work is the manager's) ------------------------
     def _add_grammar(self, req: Request) -> None:
@@ -311,4 +366,13 @@ class Scheduler:
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
             "num_preemptions": self.num_preemptions,
+            **(self.spec_stats.as_dict() if self.spec_stats is not None else {}),
         }
+
+
+def _new_logprobs(lp: LogprobsLists, i: int, n: int) -> list[tuple[list[int], list[float], int]]:
+    """The logprobs of request i's first n new tokens (one row per request, or per emitted
+    token under speculative decoding)."""
+    rows = [i] if lp.cu_num_tokens is None else range(lp.cu_num_tokens[i],
+                                                      lp.cu_num_tokens[i] + n)
+    return [(lp.logprob_token_ids[r], lp.logprobs[r], lp.sampled_token_ranks[r]) for r in rows]

@@ -13,6 +13,8 @@ import torch
 from fleetllm.config import EngineConfig
 from fleetllm.distributed.comm import recv_from_prev_stage, send_to_next_stage
 from fleetllm.distributed.parallel_state import ParallelContext
+from fleetllm.lora.manager import LoRAManager
+from fleetllm.lora.request import LoRARequest
 from fleetllm.model.layers.attention import AttentionMetadata, DecodeStaging, PrefillMetadata
 from fleetllm.model.layers.sampler import (
     LogitsAdjustment,
@@ -32,6 +34,7 @@ from fleetllm.sched.output import (
     PromptLogprobs,
     SchedulerOutput,
 )
+from fleetllm.worker.spec_decode import SpecDecodeRunner
 
 logger = logging.getLogger(__name__)
 _NEG_INF = float("-inf")
@@ -46,6 +49,7 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     eos_token_ids: list[int]
+    lora_request: LoRARequest | None = None
 
 
 def lazy_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -75,10 +79,16 @@ class ModelRunner:
         self.sampler = Sampler(mc.seed)
         self.staging: DecodeStaging | None = None
         self.staging_budget = 0
+        self.spec = (SpecDecodeRunner(config.speculative_config, self.block_size)
+                     if config.speculative_config is not None else None)
+        self.lora = (LoRAManager(config.lora_config, mc, self.dtype)
+                     if config.lora_config is not None else None)
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
         self.model = load_model(self.config, self.pc, self.device)
+        if self.lora is not None:
+            self.lora.attach(self.model)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         mc = self.config.model_config
@@ -117,6 +127,8 @@ class ModelRunner:
                                                   c.num_computed_tokens):
             state = self.requests[req_id]
             state.token_ids.extend(toks)
+            if self.spec is not None:
+                self.spec.trim_blocks(state)
             state.block_ids.extend(blocks)
             state.num_computed_tokens = computed
 
@@ -124,11 +136,14 @@ class ModelRunner:
     def _new_state(new: NewRequestData) -> CachedRequestState:
         return CachedRequestState(new.req_id, list(new.token_ids), new.num_prompt_tokens,
                                   new.sampling_params, list(new.block_ids),
-                                  new.num_computed_tokens, new.eos_token_ids)
+                                  new.num_computed_tokens, new.eos_token_ids,
+                                  new.lora_request)
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(so)
+        if self.spec is not None:
+            self.spec.add_drafts(self.requests, so)
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
         num_sched = so.num_scheduled_tokens
@@ -137,12 +152,19 @@ class ModelRunner:
         states = [self.requests[r] for r in order]
         inputs = self._prepare_inputs(states, [num_sched[r] for r in order])
         input_ids, positions, meta, logits_idx, sample_rows = inputs
+        if self.spec is not None:  # the drafts are in the inputs now; sampling adds them
+            self.spec.remove_drafts(self.requests)
+            logits_idx = self.spec.logits_indices(
+                states, [num_sched[r] for r in order], sample_rows, self.device)
         pc = self.pc
         hidden_in = None
         if not pc.is_first_pp_rank:
             hidden_in = recv_from_prev_stage(
                 pc, (input_ids.shape[0], self.config.model_config.hidden_size), self.dtype,
                 self.device)
+        if self.lora is not None:  # each token's adapter slot, read by the LoRA layers
+            self.lora.prepare([s.lora_request for s in states],
+                              [num_sched[r] for r in order], self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, hidden_in)
         if not pc.is_last_pp_rank:
             send_to_next_stage(pc, hidden)
@@ -154,6 +176,9 @@ class ModelRunner:
         prompt_lp = self._prompt_logprobs(states, [num_sched[r] for r in order], hidden)
         if pc.tp_rank != 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
+        if self.spec is not None:
+            return self.spec.finish_step(self, order, sample_rows, sample_states, logits, so,
+                                         prompt_lp)
         out = (self.sampler(logits, self._sampling_metadata(sample_states, so))
                if sample_states else None)
         if out is not None and self.config.scheduler_config.async_scheduling:

@@ -15,9 +15,17 @@ import torch
 
 from fleetllm.config import DEFAULT_KV_CACHE_RAM_FRACTION, EngineConfig
 from fleetllm.distributed.parallel_state import ParallelContext, init_distributed
-from fleetllm.errors import OutOfMemoryError
+from fleetllm.errors import ConfigurationError, OutOfMemoryError
+from fleetllm.lora.manager import LoRAManager
+from fleetllm.lora.request import LoRARequest
 from fleetllm.model.loader import SHARDED_STATE_PATTERN
-from fleetllm.sched.output import KVCacheConfig, KVCacheSpec, ModelRunnerOutput, SchedulerOutput
+from fleetllm.sched.output import (
+    DraftTokenIds,
+    KVCacheConfig,
+    KVCacheSpec,
+    ModelRunnerOutput,
+    SchedulerOutput,
+)
 from fleetllm.worker.model_runner import ModelRunner
 from fleetllm.worker.worker_base import WorkerBase
 
@@ -131,6 +139,11 @@ class Worker(WorkerBase):
         runner.execute_model(so)
         runner.execute_model(SchedulerOutput.empty(["__dummy__"]))
 
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """The n-gram drafts proposed after the last step's sampling (output rank only)."""
+        spec = self.model_runner.spec if self.model_runner is not None else None
+        return spec.take_draft_token_ids() if spec is not None else None
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         try:
             return self.model_runner.execute_model(scheduler_output)
@@ -241,6 +254,26 @@ class Worker(WorkerBase):
             part[name] = param.data.detach().contiguous().cpu()
             size += nbytes
         save_file(part, str(Path(path) / pattern.format(rank=self.rank, part=index)))
+
+    # ---- LoRA adapters (the executor's add_lora, remove_lora, pin_lora, list_loras) -----
+    def _lora(self) -> LoRAManager:
+        lora = self.model_runner.lora
+        if lora is None:
+            raise ConfigurationError("LoRA is not enabled; create the engine with "
+                                     "enable_lora=True (--enable-lora)")
+        return lora
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self._lora().add(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self._lora().remove(lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self._lora().pin(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self._lora().list()
 
     def check_health(self) -> None:
         return None

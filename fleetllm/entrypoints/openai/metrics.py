@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from fleetllm.engine.async_llm import AsyncLLM
 from fleetllm.errors import EngineDeadError, EngineRestartingError
+from fleetllm.spec_decode.metrics import prometheus_families as spec_decode_families
 
 from .streaming import Stream
 
@@ -48,6 +49,7 @@ class _EngineStats(Collector):
     def __init__(self, engine: AsyncLLM) -> None:
         self.engine = engine
         self.per_engine: list[dict[str, float]] = []
+        self.lora_load: dict[str, list[int]] = {}
 
     def collect(self) -> Iterator[Metric]:
         for kinds, family in ((ENGINE_GAUGES, GaugeMetricFamily),
@@ -68,7 +70,30 @@ class _EngineStats(Collector):
             "Requests put back and recomputed inside an engine core after its workers "
             "were restarted.",
             value=sum(s.get("num_requests_recomputed", 0.0) for s in self.per_engine))
+        yield from spec_decode_families(self.per_engine)
         yield from self._balance()
+        yield from self._loras()
+
+    def _loras(self) -> Iterator[Metric]:
+        """vLLM's lora_requests_info (the adapter names running and waiting, as labels, with
+        the time as value), and fleetllm's per-adapter counts."""
+        lora_config = self.engine.config.lora_config
+        if lora_config is None:
+            return
+        info = GaugeMetricFamily(
+            "fleetllm:lora_requests_info", "Running stats on LoRA requests.",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        running = sorted(k for k, (r, _) in self.lora_load.items() if r)
+        waiting = sorted(k for k, (_, w) in self.lora_load.items() if w)
+        info.add_metric([",".join(running), ",".join(waiting), str(lora_config.max_loras)],
+                        time.time())
+        yield info
+        for i, (name, doc) in enumerate((("running", "running"), ("waiting", "waiting"))):
+            family = GaugeMetricFamily(f"fleetllm:lora_requests_{name}",
+                                       f"Requests {doc} per LoRA adapter.", labels=["lora_name"])
+            for adapter, counts in sorted(self.lora_load.items()):
+                family.add_metric([adapter], counts[i])
+            yield family
 
     def _balance(self) -> Iterator[Metric]:
         """How this API server balances: each engine's load as the DPCoordinator last
@@ -92,8 +117,6 @@ class _EngineStats(Collector):
         yield own
         yield GaugeMetricFamily("fleetllm:data_parallel_size", "Engine cores in the fleet.",
                                 value=len(loads))
-
-
 
 
 class ServerMetrics:
@@ -147,6 +170,8 @@ class ServerMetrics:
         if not self.engine.errored:
             try:
                 self.engine_stats.per_engine = await self.engine.get_stats()
+                if self.engine.config.lora_config is not None:
+                    self.engine_stats.lora_load = await self.engine.lora_load()
             except (EngineDeadError, EngineRestartingError):
                 pass  # keep the last numbers; /health reports a death
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 
 from fleetllm.config import EngineArgs
+from fleetllm.engine.coordinator import CoordinatorManager
 from fleetllm.engine.core_proc import set_process_name
 from fleetllm.engine.handshake import unlink_ipc
 from fleetllm.engine.launch import (
@@ -125,9 +126,13 @@ def _close(processes: list[BaseProcess], links: list[Connection], timeout_s: flo
 
 
 def wait_for_completion_or_failure(api_server_manager: APIServerProcessManager,
-                                   engine_manager: EngineManager | None = None) -> None:
+                                   engine_manager: EngineManager | None = None,
+                                   coordinator: CoordinatorManager | None = None) -> None:
     """Waits until any API server ends or an engine core dies for good, then tears
     everything down; passes every engine event on to the API servers meanwhile.
+
+    The coordinator (by default the engine manager's) is not watched here: its manager
+    restarts it when it dies, and nothing fails meanwhile. It is ended with the rest.
 
     Raises RuntimeError naming what died with a non-zero code (an engine that could not be
     restarted always counts: engines only stop when told). Returns when the API servers all
@@ -157,6 +162,8 @@ def wait_for_completion_or_failure(api_server_manager: APIServerProcessManager,
         api_server_manager.close()
         if engine_manager is not None:
             engine_manager.close()
+        if coordinator is not None:
+            coordinator.close()
 
 
 def _pass_on_engine_events(api_server_manager: APIServerProcessManager,
@@ -201,7 +208,8 @@ def run_multi_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) ->
             addresses.inputs, addresses.outputs, client)
         sock.close()  # the servers hold it now
         try:
-            wait_for_completion_or_failure(api, engine_manager)
+            wait_for_completion_or_failure(api, engine_manager,
+                                           getattr(engine_manager, "coordinator", None))
         finally:
             engine_manager = None  # closed by the call above
     finally:

@@ -475,6 +475,7 @@ class ModelCard(OpenAIBaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "fleetllm"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int
 
 

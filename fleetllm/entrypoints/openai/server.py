@@ -31,6 +31,7 @@ from .defaults import (
 )
 from .elastic import add_elastic_routes
 from .errors import OpenAIError
+from .lora_routes import LoRAOptions, add_lora_routes, parse_lora_modules
 from .metrics import ServerMetrics
 from .middleware import APIKeyMiddleware, BodyLimitMiddleware
 from .openapi import API_ERRORS, error_responses, install_error_handlers, install_openapi
@@ -116,7 +117,8 @@ def _respond(result: Any) -> Any:
 def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None,
               on_engine_death: Callable[[str], None] | None = None,
               limits: ServerLimits | None = None,
-              tool_options: ToolOptions | None = None) -> FastAPI:
+              tool_options: ToolOptions | None = None,
+              lora: LoRAOptions | None = None) -> FastAPI:
     """The app owns the engine: it shuts it down when the app's lifespan ends. While an
     engine core that died is restarted, /health stays 200 (streams pause, then go on). If
     the engine dies for good, /health answers 503 for ENGINE_DEATH_GRACE_S (so probes and
@@ -137,10 +139,18 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
         if on_engine_death is not None:
             on_engine_death(reason)
 
+    lora = lora or LoRAOptions()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         watcher = asyncio.create_task(watch_engine())
         try:
+            for adapter in lora.modules:  # --lora-modules: a bad one stops the start-up
+                try:
+                    await engine.add_lora(adapter)
+                except (RuntimeError, ValueError) as e:
+                    raise RuntimeError(f"--lora-modules {adapter.lora_name}="
+                                       f"{adapter.lora_path}: {e}") from e
             yield
         finally:
             watcher.cancel()
@@ -158,6 +168,8 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
     app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
     app.state.lifecycle = lifecycle
     _add_routes(app, engine, serving, metrics, served_model_names, root)
+    if lora.allow_runtime_updates:
+        add_lora_routes(app, engine, served_model_names)
     return app
 
 
@@ -195,8 +207,14 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, serving: OpenAIServing,
 
     @app.get("/v1/models", responses=get_errors)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=root, max_model_len=engine.max_model_len)
-                               for name in served_model_names])
+        cards = [ModelCard(id=name, root=root, max_model_len=engine.max_model_len)
+                 for name in served_model_names]
+        if engine.config.lora_config is not None:
+            cards += [ModelCard(id=lora.lora_name, root=lora.lora_path,
+                                parent=served_model_names[0],
+                                max_model_len=engine.max_model_len)
+                      for lora in await engine.get_lora_requests()]
+        return ModelList(data=cards)
 
     @app.post("/v1/completions", response_model=None, responses={
         200: {"model": CompletionResponse, "content": _sse("CompletionResponse")},
@@ -214,7 +232,7 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, serving: OpenAIServing,
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=API_ERRORS)
     async def tokenize(body: TokenizeRequest) -> Response:
-        serving.check_model(body.model)
+        await serving.resolve_model(body.model)
         if isinstance(body, TokenizeChatRequest):
             tokens = (await serving.chat_prompt(body.messages, body.add_generation_prompt,
                                                 body.add_special_tokens, bounded=False,
@@ -227,7 +245,7 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, serving: OpenAIServing,
 
     @app.post("/detokenize", responses=API_ERRORS)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        serving.check_model(body.model)
+        await serving.resolve_model(body.model)
         vocab = engine.config.model_config.vocab_size
         bad = [t for t in body.tokens if t >= vocab]
         if bad:
@@ -267,6 +285,7 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
                          "that scales must own the engine cores")
     ServerLimits.from_args(args)  # bad limits fail before anything starts
     ToolOptions.from_args(args)
+    lora_options(args)
     if args.api_server_count > 1:
         from .multi_server import run_multi_server
 
@@ -289,6 +308,14 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
     finally:
         if engine is not None:
             engine.shutdown()
+
+
+def lora_options(args: argparse.Namespace) -> LoRAOptions:
+    modules = tuple(parse_lora_modules(getattr(args, "lora_modules", None)))
+    runtime = getattr(args, "allow_runtime_lora_updating", False)
+    if (modules or runtime) and not getattr(args, "enable_lora", False):
+        raise ValueError("--lora-modules and --allow-runtime-lora-updating need --enable-lora")
+    return LoRAOptions(modules, runtime)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -334,7 +361,7 @@ def serve_http(engine: AsyncLLM, args: argparse.Namespace, sock: socket.socket,
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("no --api-key: anyone who can reach %s can use the server", args.host)
     app = build_app(engine, names, args.api_key, on_engine_death, ServerLimits.from_args(args),
-                    ToolOptions.from_args(args))
+                    ToolOptions.from_args(args), lora_options(args))
     if getattr(args, "enable_elastic_ep", False):
         add_elastic_routes(app, engine)
     lifecycle: Lifecycle = app.state.lifecycle

@@ -14,6 +14,7 @@ import jinja2
 
 from fleetllm.engine.async_llm import AsyncLLM
 from fleetllm.engine.output import RequestOutput
+from fleetllm.lora.request import LoRARequest
 from fleetllm.sampling_params import SamplingParams
 from fleetllm.structured.params import StructuredOutputsParams
 
@@ -91,12 +92,22 @@ class OpenAIServing:
         self.cut = cut  # set when the server's shutdown ends the requests still running
         self.vocab_size = engine.config.model_config.vocab_size
 
-    def check_model(self, name: str | None) -> str:
-        """The served name to answer with; 404 for a model this server does not have."""
+    async def resolve_model(self, name: str | None) -> tuple[str, LoRARequest | None]:
+        """The served name to answer with, and the LoRA adapter it names (None: the base
+        model); 404 for a model this server does not have. Adapters are looked up in the
+        engines, the one registry every API server shares, so a load or unload made through
+        any server counts at once everywhere."""
         if name is None or name in self.model_names:
-            return name or self.model_names[0]
-        raise OpenAIError(f"the model {name!r} does not exist; this server serves "
-                          f"{self.model_names}", 404, param="model", code="model_not_found")
+            return name or self.model_names[0], None
+        adapters = []
+        if self.engine.config.lora_config is not None:
+            adapters = await self.engine.get_lora_requests()
+            for lora in adapters:
+                if lora.lora_name == name:
+                    return name, lora
+        known = self.model_names + [lora.lora_name for lora in adapters]
+        raise OpenAIError(f"the model {name!r} does not exist; this server serves {known}",
+                          404, param="model", code="model_not_found")
 
     # ---- inputs -----------------------------------------------------------------------
     def _check_limits(self, req: SamplingRequest) -> None:
@@ -184,10 +195,10 @@ class OpenAIServing:
         except ValueError as e:
             raise _invalid(e, param) from e
 
-    def _start(self, prompts: list[Prompt], params: SamplingParams,
-               request_id: str) -> list[Stream]:
+    def _start(self, prompts: list[Prompt], params: SamplingParams, request_id: str,
+               lora: LoRARequest | None = None) -> list[Stream]:
         self.engine.check_health()  # before a stream starts with 200
-        return [self.track(self.engine.generate(ids, params, f"{request_id}-{i}", text),
+        return [self.track(self.engine.generate(ids, params, f"{request_id}-{i}", text, lora),
                            len(ids)) for i, (text, ids) in enumerate(prompts)]
 
     def _sse(self, chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
@@ -215,7 +226,7 @@ class OpenAIServing:
 
     async def create_completion(self, req: CompletionRequest
                                 ) -> CompletionResponse | AsyncIterator[str]:
-        model = self.check_model(req.model)
+        model, lora = await self.resolve_model(req.model)
         self._check_limits(req)
         self._check_prompt_count(req)
         max_tokens, drop_generated = self._completion_options(req)
@@ -227,7 +238,7 @@ class OpenAIServing:
         for _, ids in prompts:
             self._check(ids, params, "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = self._start(prompts, params, request_id)
+        streams = self._start(prompts, params, request_id, lora)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             echo = None
@@ -235,7 +246,7 @@ class OpenAIServing:
                 echo = _Echo([self._echo_text(p) for p in prompts], req.logprobs is not None)
             if scored_apart:
                 assert echo is not None and req.logprobs is not None
-                echo.scores = self._score(prompts, req.logprobs, request_id)
+                echo.scores = self._score(prompts, req.logprobs, request_id, lora)
             return self._sse(self._completion_chunks(streams, DeltaTracker(params), request_id,
                                                      model, include_usage, echo,
                                                      drop_generated))
@@ -281,9 +292,10 @@ class OpenAIServing:
         return CompletionChoice(index=d.index, text=d.text, logprobs=lps,
                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason)
 
-    def _score(self, prompts: list[Prompt], logprobs: int, request_id: str) -> list[Stream]:
+    def _score(self, prompts: list[Prompt], logprobs: int, request_id: str,
+               lora: LoRARequest | None) -> list[Stream]:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=logprobs)
-        return [self.engine.generate(ids, params, f"{request_id}-score-{i}", text)
+        return [self.engine.generate(ids, params, f"{request_id}-score-{i}", text, lora)
                 for i, (text, ids) in enumerate(prompts)]
 
     def _echo_logprobs(self, ro: RequestOutput) -> CompletionLogprobs:
@@ -360,7 +372,7 @@ class OpenAIServing:
     # ---- chat -------------------------------------------------------------------------
     async def create_chat_completion(self, req: ChatCompletionRequest
                                      ) -> ChatCompletionResponse | AsyncIterator[str]:
-        model = self.check_model(req.model)
+        model, lora = await self.resolve_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
         self._check_limits(req)  # before the (possibly long) template and tokenization
@@ -377,7 +389,7 @@ class OpenAIServing:
                                       constraint=plan.constraint)
         self._check(ids, params, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._start([(text, ids)], params, request_id)
+        streams = self._start([(text, ids)], params, request_id, lora)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse(self._chat_chunks(streams[0], DeltaTracker(params), request_id,

@@ -43,6 +43,11 @@ def check_shape(name: str, loaded: Any, expected: tuple[int, ...]) -> None:
 
 
 class _Linear(nn.Module):
+    # A LoRA hook (fleetllm.lora.layers.LoRALinear): lora(x, out) adds the adapters' delta
+    # to this rank's output, before any all-reduce. A plain attribute, not a submodule, so
+    # parameter names and state dicts stay those of the base model.
+    lora: Any = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
@@ -51,7 +56,8 @@ class _Linear(nn.Module):
                      if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias)
+        return out if self.lora is None else self.lora(x, out)
 
 
 class ColumnParallelLinear(_Linear):
@@ -112,7 +118,10 @@ class RowParallelLinear(_Linear):
         super().__init__(in_features // pc.tp_size, out_features, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pc.tp_all_reduce(F.linear(x, self.weight))
+        partial = F.linear(x, self.weight)
+        if self.lora is not None:
+            partial = self.lora(x, partial)
+        out = self.pc.tp_all_reduce(partial)
         return out if self.bias is None else out + self.bias
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, name: str, shard: int = 0) -> None:

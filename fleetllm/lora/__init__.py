@@ -1,0 +1,1 @@
+"""Multi-LoRA serving: adapter requests, PEFT loading, slots and the batched delta."""

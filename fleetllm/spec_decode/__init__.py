@@ -1,0 +1,1 @@
+"""N-gram speculative decoding: proposer, rejection sampler, metrics (issue 13)."""
