@@ -187,6 +187,28 @@ def test_server_scales_1_3_2_1_under_48_streams(llama_dir: Path, tmp_path: Path)
         assert names == ["fleetllm-core0"], names  # nothing left of the removed engines
 
 
+def test_server_on_ray_scales_under_48_streams(llama_dir: Path, tmp_path: Path) -> None:
+    """The same with engine cores as Ray actors (a local Ray the server starts): 1 -> 2 -> 1
+    while 48 streams run, zero failures, the fixed-size run's texts."""
+    pytest.importorskip("ray", reason="needs Ray: pip install -e .[ray]")
+    prompts = random_prompts(tuple(4 + i % 20 for i in range(48)), seed=8)
+    with serve(llama_dir, tmp_path / "server.log", "--enable-elastic-ep",
+               "--data-parallel-backend", "ray") as s:
+        threads, fixed = _load(s.url, prompts)
+        for t in threads:
+            t.join()
+        threads, scaled = _load(s.url, prompts)
+        for size in (2, 1):
+            time.sleep(0.3)
+            r = httpx.post(f"{s.url}/scale_elastic_ep", headers=AUTH, timeout=120,
+                           json={"new_data_parallel_size": size, "drain_timeout": 1})
+            assert r.status_code == 200, r.text
+        for t in threads:
+            t.join()
+        assert all(isinstance(o, tuple) for o in fixed), fixed
+        assert scaled == fixed
+
+
 def test_concurrent_scales_get_409_and_bad_ones_400(llama_dir: Path, tmp_path: Path) -> None:
     with serve(llama_dir, tmp_path / "server.log", "--enable-elastic-ep") as s:
         codes: list[int] = []
