@@ -15,11 +15,11 @@ import torch
 from fleetllm.lora.ops import LoRAMapping, add_lora
 
 
-def time_one(x, a, b, width, mapping, out, reps: int) -> float:
-    add_lora(out.clone(), x, a, b, width, mapping)
+def time_one(x, a, b, columns, rank, mapping, out, reps: int) -> float:
+    add_lora(out.clone(), x, a, b, columns, rank, mapping)
     start = time.perf_counter()
     for _ in range(reps):
-        add_lora(out.clone(), x, a, b, width, mapping)
+        add_lora(out.clone(), x, a, b, columns, rank, mapping)
     return (time.perf_counter() - start) / reps * 1e3
 
 
@@ -43,7 +43,9 @@ def main() -> None:
                 x = torch.randn(tokens, a.hidden, dtype=dtype)
                 w = torch.randn(a.out, a.hidden, dtype=dtype)
                 la = torch.randn(slots * width, a.hidden, dtype=dtype)
-                lb = torch.randn(slots * width, a.out, dtype=dtype)
+                part = a.out // a.subs  # equal parts (q, k, v sizes differ in real models)
+                columns = [(j * part, part) for j in range(a.subs)]
+                lb = [torch.randn(slots * rank, part, dtype=dtype) for _ in range(a.subs)]
                 out = x @ w.t()
                 token_slots = rng.integers(-1, slots, tokens)
                 token_slots[:slots] = np.arange(slots)
@@ -52,7 +54,7 @@ def main() -> None:
                 for dense in (True, False):
                     m = LoRAMapping()
                     m.prepare(token_slots, dtype, torch.device("cpu"), rank, dense)
-                    times.append(time_one(x, la, lb, width, m, out, reps))
+                    times.append(time_one(x, la, lb, columns, rank, m, out, reps))
                 start = time.perf_counter()
                 for _ in range(reps):
                     x @ w.t()

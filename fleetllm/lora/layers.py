@@ -48,27 +48,33 @@ class LoRALinear:
             raise TypeError(f"LoRA supports column- and row-parallel linears, not {base}")
         size = max_loras * self.width
         self.a = torch.zeros(size, in_local, dtype=weight.dtype, device=weight.device)
-        self.b = torch.zeros(size, out_local, dtype=weight.dtype, device=weight.device)
+        # B^T per sub-projection, [max_loras * max_rank, its output columns]: the expand of a
+        # fused layer (qkv, gate_up) then skips the other parts' zeros.
+        self.b = [torch.zeros(max_loras * max_rank, rows, dtype=weight.dtype,
+                              device=weight.device) for _, rows, _ in self.out_parts]
+        self.columns = [(offset, rows) for offset, rows, _ in self.out_parts]
 
     def set_slot(self, slot: int,
                  weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Writes one adapter (per sub-projection: A [r, in], B [out, r], full size, scaled)
         into a slot, keeping this rank's shard."""
         base_row = slot * self.width
+        b_row = slot * self.max_rank
         self.a[base_row:base_row + self.width].zero_()
-        self.b[base_row:base_row + self.width].zero_()
+        for b_part in self.b:
+            b_part[b_row:b_row + self.max_rank].zero_()
         in_start, in_size = self.in_part
-        for j, (pair, (offset, rows, start)) in enumerate(zip(weights, self.out_parts)):
+        for j, (pair, (_, rows, start)) in enumerate(zip(weights, self.out_parts)):
             if pair is None:
                 continue
             a, b = pair
             r = a.shape[0]
             lo = base_row + j * self.max_rank
             self.a[lo:lo + r].copy_(a[:, in_start:in_start + in_size])
-            self.b[lo:lo + r, offset:offset + rows].copy_(b[start:start + rows].t())
+            self.b[j][b_row:b_row + r].copy_(b[start:start + rows].t())
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return add_lora(out, x, self.a, self.b, self.width, self.mapping)
+        return add_lora(out, x, self.a, self.b, self.columns, self.max_rank, self.mapping)
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int,

@@ -84,21 +84,33 @@ class LoRAMapping:
         self.order = self.inverse = None
 
 
-def add_lora(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-             width: int, mapping: LoRAMapping) -> torch.Tensor:
-    """out + (x @ A_s^T) @ B_s^T for each token's slot s (in place on out)."""
+def add_lora(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: list[torch.Tensor],
+             columns: list[tuple[int, int]], rank: int, mapping: LoRAMapping) -> torch.Tensor:
+    """out + (x @ A_s^T) @ B_s^T for each token's slot s (in place on out).
+
+    a: [slots * parts * rank, in], slot-major then sub-projection (q, k, v or gate, up);
+    b[j]: part j's B^T, [slots * rank, its columns], written to out's columns[j] =
+    (offset, width): a fused layer's expand touches only each part's own columns."""
     if not mapping.active:
         return out
+    parts, tokens = len(b), x.shape[0]
+    width = parts * rank
     if mapping.dense:
-        k = mapping.num_slots * width
-        h = x @ a[:k].t()  # shrink: [tokens, slots * width]
-        h = h.view(x.shape[0], mapping.num_slots, width).mul_(mapping.onehot[:, :, None])
-        return out.addmm_(h.view(x.shape[0], k), b[:k])  # expand
+        slots = mapping.num_slots
+        h = x @ a[:slots * width].t()  # shrink: [tokens, slots * parts * rank]
+        h = h.view(tokens, slots, parts, rank).mul_(mapping.onehot[:, :, None, None])
+        if parts == 1:
+            return out.addmm_(h.view(tokens, slots * rank), b[0][:slots * rank])
+        for j, (offset, cols) in enumerate(columns):  # expand, part by part
+            hj = h[:, :, j].reshape(tokens, slots * rank)
+            out[:, offset:offset + cols].addmm_(hj, b[j][:slots * rank])
+        return out
     xs = x if mapping.order is None else x.index_select(0, mapping.order)
-    delta = out.new_empty(out.shape)
-    if mapping.num_base:
-        delta[:mapping.num_base].zero_()
+    delta = out.new_zeros(out.shape) if parts > 1 or mapping.num_base else out.new_empty(
+        out.shape)
     for slot, start, end in mapping.segments:
-        rows = slice(slot * width, (slot + 1) * width)
-        torch.mm(xs[start:end] @ a[rows].t(), b[rows], out=delta[start:end])
+        h = xs[start:end] @ a[slot * width:(slot + 1) * width].t()
+        for j, (offset, cols) in enumerate(columns):
+            delta[start:end, offset:offset + cols] = (
+                h[:, j * rank:(j + 1) * rank] @ b[j][slot * rank:(slot + 1) * rank])
     return out.add_(delta if mapping.inverse is None else delta.index_select(0, mapping.inverse))
