@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetllm.distributed.kv_transfer.config import KVTransferConfig
 from fleetllm.errors import ConfigurationError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,7 @@ class EngineConfig:
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     speculative_config: SpeculativeConfig | None = None
     lora_config: LoRAConfig | None = None
+    kv_transfer_config: KVTransferConfig | None = None
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -397,6 +399,7 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # None: max_loras
+    kv_transfer_config: dict[str, Any] | str | KVTransferConfig | None = None
 
     def _lora_config(self) -> LoRAConfig | None:
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
@@ -507,4 +510,5 @@ class EngineArgs:
             device_config=DeviceConfig(device),
             speculative_config=speculative,
             lora_config=self._lora_config(),
+            kv_transfer_config=KVTransferConfig.from_user(self.kv_transfer_config),
         )

@@ -65,6 +65,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # too); ids are checked against the vocabulary when the request is added.
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's free-form extras; "kv_transfer_params" steers a KV connector (disaggregated
+    # prefill: {"do_remote_prefill": true, "transfer_id": ...}).
+    extra_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _integer("n", self.n, 1)

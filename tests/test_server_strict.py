@@ -97,6 +97,12 @@ BAD: dict[str, tuple[str, dict[str, Any], str]] = {
     # pydantic refuses a key that is not valid Unicode before any field is read
     "surrogate_key": ("/v1/completions", {**GOOD, "\ud800": 1}, "unicode string"),
     "seed_2_70": ("/v1/completions", {**GOOD, "seed": 2**70}, "seed"),
+    "kv_transfer_unknown_key": ("/v1/completions",
+                                {**GOOD, "kv_transfer_params": {"huge": 2**70}},
+                                "kv_transfer_params"),
+    "kv_transfer_bad_id": ("/v1/chat/completions",
+                           {**CHAT, "kv_transfer_params": {"transfer_id": 5}},
+                           "kv_transfer_params"),
     "seed_minus_2_70": ("/v1/chat/completions", {**CHAT, "seed": -(2**70)}, "seed"),
     "huge_stop_token_id": ("/v1/completions", {**GOOD, "stop_token_ids": [10**20]},
                            "stop_token_ids"),

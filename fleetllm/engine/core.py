@@ -43,6 +43,7 @@ from fleetllm.errors import (
 )
 from fleetllm.executor.abstract import Executor
 from fleetllm.lora.request import LoRARequest
+from fleetllm.sched.kv_transfer import make_kv_transfer
 from fleetllm.sched.output import EngineCoreOutput, KVCacheConfig
 from fleetllm.sched.request import Request, RequestStatus
 from fleetllm.sched.scheduler import Scheduler
@@ -61,6 +62,7 @@ class EngineCore(EngineClientInterface):
     def __init__(self, config: EngineConfig, executor_class: type[Executor] | None = None) -> None:
         start = time.perf_counter()
         executor_class = executor_class or Executor.get_class(config)
+        kv_transfer = make_kv_transfer(config)  # checked before any worker starts
         self.executor = executor_class(config)
         try:
             num_blocks = self._initialize_kv_caches(config)
@@ -74,7 +76,8 @@ class EngineCore(EngineClientInterface):
                                    config.cache_config.block_size,
                                    StructuredOutputManager(self.config),
                                    self._num_speculative_tokens(config),
-                                   max_loras=config.lora_config and config.lora_config.max_loras)
+                                   max_loras=config.lora_config and config.lora_config.max_loras,
+                                   kv_transfer=kv_transfer)
         self.lora_requests: dict[int, LoRARequest] = {}  # the adapters add_lora accepted
         self.pinned_loras: set[int] = set()
         batches = self.executor.max_concurrent_batches

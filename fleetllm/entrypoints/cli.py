@@ -86,6 +86,10 @@ def _engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> 
                    help="the largest adapter rank (r) accepted")
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters kept in host memory, LRU (default: --max-loras)")
+    p.add_argument("--kv-transfer-config", default=None,
+                   help='a KV connector as JSON, e.g. \'{"kv_connector": '
+                        '"SharedStorageConnector", "kv_role": "kv_both", '
+                        '"kv_connector_extra_config": {"shared_storage_path": "/tmp/kv"}}\'')
 
 
 def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -108,6 +112,7 @@ def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 speculative_config=a.speculative_config,
                 enable_lora=a.enable_lora, max_loras=a.max_loras,
                 max_lora_rank=a.max_lora_rank, max_cpu_loras=a.max_cpu_loras,
+                kv_transfer_config=getattr(a, "kv_transfer_config", None),
                 skip_tokenizer_init=getattr(a, "skip_tokenizer_init", False))
 
 
@@ -269,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight requests get to finish after SIGTERM (new "
                             "ones get 503); then streams end with an error event")
     serve.set_defaults(func=cmd_serve)
+
+    from fleetllm.entrypoints.disagg_proxy import add_proxy_args, run_proxy
+
+    proxy = sub_parser("proxy", help="disaggregated prefill: one endpoint in front of a "
+                                     "prefill server and a decode server")
+    add_proxy_args(proxy)
+    proxy.set_defaults(func=run_proxy)
 
     bench = sub_parser("bench", help="benchmarks")
     bench.set_defaults(func=lambda a: _print_help(bench))

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from fleetllm.config import EngineConfig
+from fleetllm.distributed.kv_transfer.aggregator import KVOutputAggregator
 from fleetllm.distributed.reconfigure import ReconfigureDistributedRequest, ReconfigureRankType
 from fleetllm.errors import ConfigurationError, WorkerCrashedError
 from fleetllm.executor.calls import CallTable, FailureCallback
+from fleetllm.executor.futures import FutureWrapper
 from fleetllm.lora.request import LoRARequest
 from fleetllm.sched.output import (
     DraftTokenIds,
@@ -121,7 +123,11 @@ class Executor(ABC):
         self.kv_cache_configs: list[KVCacheConfig] = []
         self.kv_cache_size_reason = ""  # why the KV cache has the size it has
         self.num_restarts = 0
+        # With a KV connector, every rank's finished transfers are counted (mp, ray).
+        self.kv_output_aggregator: KVOutputAggregator | None = None
         self._init_executor()
+        if config.kv_transfer_config is not None and self.parallel_config.world_size > 1:
+            self.init_kv_output_aggregator(None)
 
     @abstractmethod
     def _init_executor(self) -> None: ...
@@ -193,6 +199,8 @@ class Executor(ABC):
         self.initialize_from_config([KVCacheConfig(num_blocks, names)
                                      for _ in self.kv_cache_configs])
         self.is_sleeping, self.sleeping_tags = False, set()
+        if self.kv_output_aggregator is not None:  # the old group's reports died with it
+            self.init_kv_output_aggregator(self.kv_output_aggregator.expected_finished_count)
         self.num_restarts += 1
         logger.warning("restarted %d workers in %.2f s (%d KV blocks)",
                        self.parallel_config.world_size, time.perf_counter() - start, num_blocks)
@@ -216,15 +224,27 @@ class Executor(ABC):
         """The rank that samples: the first tensor rank of the last pipeline stage."""
         return self.parallel_config.world_size - self.parallel_config.tensor_parallel_size
 
+    def init_kv_output_aggregator(self, finished_count: int | None) -> None:
+        self.kv_output_aggregator = KVOutputAggregator(
+            finished_count or self.parallel_config.world_size)
+
     def execute_model(self, scheduler_output: SchedulerOutput,
                       non_block: bool = False) -> ModelRunnerOutput | Future[ModelRunnerOutput]:
         start = time.perf_counter()
-        reply = self.execute_model_reply_rank
+        aggregator = self.kv_output_aggregator
+        # A connector's transfers finish on every rank: then every rank replies.
+        reply = self.execute_model_reply_rank if aggregator is None else None
         extra: dict[str, Any] = {} if reply is None else {"unique_reply_rank": reply}
         if self.can_restart:  # a step that overruns counts as hung workers: a crash
             extra["hang_timeout"] = self.parallel_config.execute_model_timeout_s
-        result = self.collective_rpc("execute_model", args=(scheduler_output,),
-                                     non_block=non_block, **extra)[0]
+        results = self.collective_rpc("execute_model", args=(scheduler_output,),
+                                      non_block=non_block, **extra)
+        if aggregator is None:
+            result = results[0]
+        elif non_block:
+            result = FutureWrapper(results, aggregator, self.output_rank)
+        else:
+            result = aggregator.aggregate(results, self.output_rank)
         tokens = scheduler_output.total_num_scheduled_tokens
         if non_block:
             result.add_done_callback(lambda _: self.metrics.record(start, tokens))

@@ -34,6 +34,7 @@ from fleetllm.errors import CommunicationTimeoutError, ConfigurationError, Worke
 from fleetllm.executor import rpc
 from fleetllm.executor.abstract import WorkerGroupExecutor
 from fleetllm.executor.calls import CallTable, Reply
+from fleetllm.executor.futures import FutureWrapper  # noqa: F401 - the reference's name
 from fleetllm.executor.multiproc import WORKER_CLS, get_open_port
 from fleetllm.executor.ray_placement import create_groups
 from fleetllm.worker.worker_base import WorkerWrapperBase, resolve_obj_by_qualname

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from fleetllm.distributed.kv_transfer.messages import KVConnectorMetadata, KVConnectorOutput
 from fleetllm.lora.request import LoRARequest
 from fleetllm.sampling_params import SamplingParams
 
@@ -44,6 +45,8 @@ class SchedulerOutput(msgspec.Struct, array_like=True):
     # Speculative decoding: the draft tokens verified in this step, after each request's
     # known tokens (counted in num_scheduled_tokens, with KV slots).
     scheduled_spec_decode_tokens: dict[str, list[int]] = msgspec.field(default_factory=dict)
+    # A KV connector's loads and saves in this step (None: no connector).
+    kv_connector_metadata: KVConnectorMetadata | None = None
 
     @staticmethod
     def empty(finished_req_ids: list[str] | None = None) -> SchedulerOutput:
@@ -78,6 +81,8 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True):
     sampled_token_ids: list[list[int]]  # empty list: a prefill chunk that did not finish
     logprobs: LogprobsLists | None = None
     prompt_logprobs: dict[str, PromptLogprobs] = msgspec.field(default_factory=dict)
+    # A KV connector's finished transfers (aggregated over the ranks by the executor).
+    kv_connector_output: KVConnectorOutput | None = None
 
 
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, [])

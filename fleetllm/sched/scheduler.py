@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from fleetllm.config import SchedulerConfig
 from fleetllm.sched.kv_cache_manager import KVCacheBlock, KVCacheManager
+from fleetllm.sched.kv_transfer import KVTransferScheduling
 from fleetllm.sched.lora_admission import LoRAAdmission
 from fleetllm.sched.output import (
     CachedRequestData,
@@ -31,8 +32,11 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int,
                  structured_outputs: StructuredOutputManager | None = None,
-                 num_speculative_tokens: int = 0, max_loras: int | None = None) -> None:
+                 num_speculative_tokens: int = 0, max_loras: int | None = None,
+                 kv_transfer: KVTransferScheduling | None = None) -> None:
         self.config = config
+        # A KV connector's requests waiting for their KV or held while sent; None: off.
+        self.kv_transfer = kv_transfer
         # LoRA: at most max_loras distinct adapters per step; None when LoRA is off.
         self.lora = LoRAAdmission(max_loras) if max_loras else None
         # Speculative decoding's counters; None when it is off.
@@ -65,6 +69,8 @@ class Scheduler:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
+            elif req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                self.kv_transfer.abort(req, self.kv)
             else:
                 self.waiting.remove(req)
             req.status = status
@@ -73,11 +79,13 @@ class Scheduler:
     def _free(self, req: Request) -> None:
         if self.structured is not None:
             self.structured.remove_request(req.request_id)
-        self.kv.free(req)
+        if self.kv_transfer is None or not self.kv_transfer.request_finished(req, self.kv):
+            self.kv.free(req)
         self.finished_req_ids.append(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or (self.kv_transfer is not None
+                                       and self.kv_transfer.has_work())
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -140,6 +148,9 @@ class Scheduler:
             req = self._next_waiting(group_running)
             if req is None:
                 break
+            if self.kv_transfer is not None and self.kv_transfer.start_load(req, self.kv):
+                self.waiting.remove(req)  # back once every worker has loaded its KV
+                continue
             computed, num_hit = self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit, budget)
             if self.kv.allocate_slots(req, num_new, computed) is None:
@@ -173,6 +184,8 @@ class Scheduler:
         out = SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()),
                               finished, scheduled_spec_decode_tokens=spec_tokens)
         self._attach_grammar_bitmask(out)
+        if self.kv_transfer is not None:
+            out.kv_connector_metadata = self.kv_transfer.connector.build_connector_meta(out)
         if out.total_num_scheduled_tokens:  # an empty step is never sent to the workers
             self.in_flight.append((out, self.kv.take_new_hashes()))
         return out
@@ -244,6 +257,9 @@ class Scheduler:
             for req in stopped:
                 del self.requests[req.request_id]
                 self._free(req)
+        kv_out = runner_out.kv_connector_output
+        if self.kv_transfer is not None and kv_out is not None:
+            self.waiting.extendleft(reversed(self.kv_transfer.on_output(kv_out, self.kv)))
         return outputs
 
     def reset_prefix_cache(self) -> bool:
@@ -322,6 +338,8 @@ class Scheduler:
             self._preempt(req)
         if kv_lost:
             self.finished_req_ids = []
+            if self.kv_transfer is not None:
+                self.waiting.extendleft(reversed(self.kv_transfer.reset(self.kv)))
             self.kv.reset_prefix_cache()
         return [r.request_id for r in victims]
 
@@ -367,6 +385,7 @@ class Scheduler:
             "prefix_cache_hits": self.kv.prefix_hits,
             "num_preemptions": self.num_preemptions,
             **(self.spec_stats.as_dict() if self.spec_stats is not None else {}),
+            **(self.kv_transfer.stats() if self.kv_transfer is not None else {}),
         }
 
 

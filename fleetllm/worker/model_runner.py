@@ -12,6 +12,7 @@ import torch
 
 from fleetllm.config import EngineConfig
 from fleetllm.distributed.comm import recv_from_prev_stage, send_to_next_stage
+from fleetllm.distributed.kv_transfer.base import KVConnectorBase_V1
 from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.lora.manager import LoRAManager
 from fleetllm.lora.request import LoRARequest
@@ -83,6 +84,8 @@ class ModelRunner:
                      if config.speculative_config is not None else None)
         self.lora = (LoRAManager(config.lora_config, mc, self.dtype)
                      if config.lora_config is not None else None)
+        # The rank's KV connector (worker/kv_connector.py attaches it); None: none.
+        self.kv_connector: KVConnectorBase_V1 | None = None
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -152,6 +155,7 @@ class ModelRunner:
         states = [self.requests[r] for r in order]
         inputs = self._prepare_inputs(states, [num_sched[r] for r in order])
         input_ids, positions, meta, logits_idx, sample_rows = inputs
+        meta.kv_connector = self.kv_connector
         if self.spec is not None:  # the drafts are in the inputs now; sampling adds them
             self.spec.remove_drafts(self.requests)
             logits_idx = self.spec.logits_indices(

@@ -26,6 +26,7 @@ from fleetllm.sched.output import (
     ModelRunnerOutput,
     SchedulerOutput,
 )
+from fleetllm.worker.kv_connector import attach_kv_connector, execute_with_connector
 from fleetllm.worker.model_runner import ModelRunner
 from fleetllm.worker.worker_base import WorkerBase
 
@@ -120,6 +121,7 @@ class Worker(WorkerBase):
                 f"cannot allocate a KV cache of {kv_cache_config.num_blocks} blocks: {e}; "
                 "lower kv_cache_memory_bytes"
             ) from e
+        attach_kv_connector(self.model_runner, self.config, self.rank)
 
     def compile_or_warm_up_model(self) -> None:
         """One dummy forward so the first real step does not pay for kernel set-up."""
@@ -146,6 +148,10 @@ class Worker(WorkerBase):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         try:
+            conn = self.model_runner.kv_connector
+            if conn is not None:
+                return execute_with_connector(conn, scheduler_output,
+                                              self.model_runner.execute_model)
             return self.model_runner.execute_model(scheduler_output)
         except (torch.OutOfMemoryError, MemoryError) as e:
             # Typed, so the engine can retry with a smaller batch (rpc rebuilds it as E001 on
@@ -236,6 +242,7 @@ class Worker(WorkerBase):
                 self._host_weights = None
         if "kv_cache" in tags and self.kv_cache_config is not None:
             runner.initialize_kv_cache(self.kv_cache_config)
+            attach_kv_connector(runner, self.config, self.rank)
 
     def save_sharded_state(self, path: str, pattern: str | None = None,
                            max_size: int | None = None) -> None:
@@ -282,6 +289,9 @@ class Worker(WorkerBase):
         if self.profiler is not None:
             self.profile(False)
         if self.model_runner is not None:
+            if self.model_runner.kv_connector is not None:
+                self.model_runner.kv_connector.shutdown()
+                self.model_runner.kv_connector = None
             self.model_runner.release_kv_cache()
             self.model_runner.model = None
         gc.collect()

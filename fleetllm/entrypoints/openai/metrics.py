@@ -37,6 +37,16 @@ ENGINE_COUNTERS = (
     ("fleetllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
      "prefix_cache_hits"),
     ("fleetllm:num_preemptions", "Requests preempted for lack of KV cache.", "num_preemptions"),
+    ("fleetllm:kv_connector_blocks_loaded", "KV blocks a KV connector loaded (all ranks).",
+     "kv_connector_blocks_loaded"),
+    ("fleetllm:kv_connector_bytes_loaded", "KV bytes a KV connector loaded (all ranks).",
+     "kv_connector_bytes_loaded"),
+    ("fleetllm:kv_connector_blocks_saved", "KV blocks a KV connector saved or sent.",
+     "kv_connector_blocks_saved"),
+    ("fleetllm:kv_connector_bytes_saved", "KV bytes a KV connector saved or sent.",
+     "kv_connector_bytes_saved"),
+    ("fleetllm:kv_connector_tokens_loaded", "Prompt tokens whose KV a connector loaded.",
+     "kv_connector_tokens_loaded"),
 )
 
 

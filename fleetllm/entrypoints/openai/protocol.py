@@ -157,6 +157,14 @@ class StructuredOutputsField(RequestModel):
     model_config = ConfigDict(populate_by_name=True)
 
 
+class KVTransferParams(RequestModel):
+    """What fleetllm's proxy tells each side of a disaggregated deployment (vLLM's keys)."""
+
+    do_remote_decode: bool = False  # the prefill side: push this prompt's KV
+    do_remote_prefill: bool = False  # the decode side: load it instead of computing it
+    transfer_id: Text | None = Field(None, min_length=1, max_length=128)
+
+
 class SamplingRequest(RequestModel):
     """The fields completions and chat share; ranges the engine knows are checked there."""
 
@@ -190,6 +198,9 @@ class SamplingRequest(RequestModel):
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = None
     guided_grammar: Text | None = None
+    # Disaggregated prefill (fleetllm proxy): where this request's prompt KV comes from or
+    # goes to, for the server's KV connector.
+    kv_transfer_params: KVTransferParams | None = None
 
 
 # Examples in the schema (conformance tools send them first): streams, scoring, chat.

@@ -162,6 +162,8 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias,
                 structured_outputs=structured,
+                extra_args=({"kv_transfer_params": req.kv_transfer_params.model_dump(
+                    exclude_none=True)} if req.kv_transfer_params else None),
                 **{k: v for k, v in overrides.items() if v is not None})
         except (ValueError, TypeError) as e:
             raise _invalid(e) from e

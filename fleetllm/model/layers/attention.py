@@ -10,6 +10,7 @@ long. A GPU kernel can replace TorchAttentionBackend behind the same metadata.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None  # [num_decodes, 1, 1, max_kv_len], 0 or -inf
     prefill: PrefillMetadata | None
     staging: DecodeStaging | None = None
+    # A KV connector (worker side): each layer waits for its loads, then saves its K/V.
+    kv_connector: Any = None
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -77,8 +80,12 @@ class TorchAttentionBackend:
         """q: [T, H, D], k/v: [T, KVH, D] -> [T, H * D]."""
         k_cache, v_cache = kv_cache
         nb, bs, kvh, d = k_cache.shape
+        if meta.kv_connector is not None:
+            meta.kv_connector.wait_for_layer_load(self.layer)
         k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+        if meta.kv_connector is not None:
+            meta.kv_connector.save_kv_layer(self.layer, kv_cache)
         parts = []
         nd = meta.num_decodes
         if nd and meta.staging is not None:
