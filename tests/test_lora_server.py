@@ -131,9 +131,16 @@ def test_server_adapters_by_model_name_with_runtime_load_and_unload(
         metrics = httpx.get(f"{s.url}/metrics", headers=AUTH).text
         assert 'fleetllm:lora_requests_info{max_lora="2"' in metrics
 
+        # unloaded while a long stream runs with it: the stream finishes in full
+        stream = client.completions.create(model="chat-lora", prompt=PROMPTS_TEXT[0],
+                                           max_tokens=150, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        first = next(iter(stream))
         r = httpx.post(f"{s.url}/v1/unload_lora_adapter", json={"lora_name": "chat-lora"},
                        headers=AUTH)
         assert r.status_code == 200, r.text
+        chunks = [first, *stream]
+        assert chunks[-1].choices[0].finish_reason == "length"
         with pytest.raises(openai.NotFoundError):
             _text(client, "chat-lora", 1)
         r = httpx.post(f"{s.url}/v1/unload_lora_adapter", json={"lora_name": "chat-lora"},
