@@ -61,3 +61,16 @@ def test_proxy_prefill_down_is_a_clear_503() -> None:
     assert r.status_code == 503
     assert "prefill server at http://prefill:1 is unavailable" in r.json()["error"]["message"]
     assert [url for url, _ in seen] == [PREFILL + "/v1/completions"]  # decode never asked
+
+
+def test_proxy_sends_what_generates_nothing_to_the_decode_side() -> None:
+    """/tokenize and /detokenize (fleetllm bench serve learns the vocabulary through them)
+    go to the decode server unchanged, with no prefill."""
+    seen: list[tuple[str, dict]] = []
+    app = build_app(PREFILL, DECODE, transport=_upstream(seen))
+    with TestClient(app) as client:
+        for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+            r = client.post(path, json=body)
+            assert r.status_code == 200
+    assert seen == [(DECODE + "/tokenize", {"prompt": "hi"}),
+                    (DECODE + "/detokenize", {"tokens": [1]})]

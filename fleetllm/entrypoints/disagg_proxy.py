@@ -88,14 +88,28 @@ def build_app(prefill_url: str, decode_url: str, timeout_s: float = 600.0,
     async def chat_completions(request: Request) -> Response:
         return await forward(request, "/v1/chat/completions")
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
+    async def to_decode(request: Request, path: str) -> Response:
+        """Requests that generate nothing go to the decode side as they are."""
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in (*_FORWARDED_HEADERS, "content-type")}
         try:
-            r = await clients["http"].get(decode_url + "/v1/models", headers={
-                k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_HEADERS})
+            r = await clients["http"].request(request.method, decode_url + path,
+                                              content=await request.body(), headers=headers)
         except httpx.HTTPError as e:
             return _unavailable("decode", decode_url, e)
         return Response(r.content, r.status_code, media_type=r.headers.get("content-type"))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await to_decode(request, "/v1/models")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await to_decode(request, "/tokenize")
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await to_decode(request, "/detokenize")
 
     @app.get("/health")
     async def health() -> Response:
