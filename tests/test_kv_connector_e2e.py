@@ -173,3 +173,51 @@ def test_disaggregated_serving_matches_one_server(llama_dir: Path, tmp_path: Pat
             client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4)
         assert e.value.status_code == 503 and "prefill server" in str(e.value)
         _wait_blocks_free(decode.url)
+
+
+def _p2p(role: str, port: int) -> dict:
+    key = "kv_port" if role == "kv_consumer" else "remote_port"
+    return {"kv_connector": "P2PZmqConnector", "kv_role": role,
+            "kv_connector_extra_config": {key: port}}
+
+
+@pytest.mark.parametrize("layout", ["mp_tp2", "ray_tp2"])
+def test_p2p_between_offline_engines_under_tensor_parallel(llama_dir: Path,
+                                                           plain: list[list[int]],
+                                                           layout: str) -> None:
+    """P2PZmqConnector without the proxy: the producer prefills each prompt (max_tokens=1)
+    and pushes its KV rank to rank; the consumer, told the same transfer ids, loads it and
+    computes at most the last partial block, with the plain engine's greedy tokens."""
+    if layout == "ray_tp2":
+        pytest.importorskip("ray")
+    from fleetllm import SamplingParams
+
+    prompts = random_prompts(LENGTHS)
+    port = _free_port()
+    kw = dict(kv_cache_memory_bytes=KV_BYTES, **LAYOUTS[layout])
+    consumer = make_llm(llama_dir, kv_transfer_config=_p2p("kv_consumer", port), **kw)
+    producer = None
+    try:
+        producer = make_llm(llama_dir, kv_transfer_config=_p2p("kv_producer", port), **kw)
+
+        def params(k: int, role: str, max_tokens: int) -> SamplingParams:
+            flag = "do_remote_decode" if role == "prefill" else "do_remote_prefill"
+            return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                  extra_args={"kv_transfer_params": {
+                                      flag: True, "transfer_id": f"t{k}"}})
+
+        producer.generate(token_prompts(prompts),
+                          [params(k, "prefill", 1) for k in range(len(prompts))],
+                          use_tqdm=False)
+        _all_blocks_free(producer)
+        outs = consumer.generate(token_prompts(prompts),
+                                 [params(k, "decode", 8) for k in range(len(prompts))],
+                                 use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == plain
+        aligned = [(n - 1) // BLOCK_SIZE * BLOCK_SIZE for n in LENGTHS]
+        assert [o.num_cached_tokens for o in outs] == aligned
+        _all_blocks_free(consumer)
+    finally:
+        if producer is not None:
+            producer.shutdown()
+        consumer.shutdown()
