@@ -175,12 +175,6 @@ def test_disaggregated_serving_matches_one_server(llama_dir: Path, tmp_path: Pat
         _wait_blocks_free(decode.url)
 
 
-def _p2p(role: str, port: int) -> dict:
-    key = "kv_port" if role == "kv_consumer" else "remote_port"
-    return {"kv_connector": "P2PZmqConnector", "kv_role": role,
-            "kv_connector_extra_config": {key: port}}
-
-
 @pytest.mark.parametrize("layout", ["mp_tp2", "ray_tp2"])
 def test_p2p_between_offline_engines_under_tensor_parallel(llama_dir: Path,
                                                            plain: list[list[int]],
@@ -195,10 +189,12 @@ def test_p2p_between_offline_engines_under_tensor_parallel(llama_dir: Path,
     prompts = random_prompts(LENGTHS)
     port = _free_port()
     kw = dict(kv_cache_memory_bytes=KV_BYTES, **LAYOUTS[layout])
-    consumer = make_llm(llama_dir, kv_transfer_config=_p2p("kv_consumer", port), **kw)
+    consumer = make_llm(llama_dir, kv_transfer_config=json.loads(_p2p("kv_consumer", port)),
+                        **kw)
     producer = None
     try:
-        producer = make_llm(llama_dir, kv_transfer_config=_p2p("kv_producer", port), **kw)
+        producer = make_llm(llama_dir, kv_transfer_config=json.loads(_p2p("kv_producer", port)),
+                            **kw)
 
         def params(k: int, role: str, max_tokens: int) -> SamplingParams:
             flag = "do_remote_decode" if role == "prefill" else "do_remote_prefill"
