@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -80,14 +81,6 @@ def build_app(prefill_url: str, decode_url: str, timeout_s: float = 600.0,
                                  media_type=reply.headers.get("content-type"),
                                  background=BackgroundTask(reply.aclose))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await forward(request, "/v1/completions")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await forward(request, "/v1/chat/completions")
-
     async def to_decode(request: Request, path: str) -> Response:
         """Requests that generate nothing go to the decode side as they are."""
         headers = {k: v for k, v in request.headers.items()
@@ -99,17 +92,19 @@ def build_app(prefill_url: str, decode_url: str, timeout_s: float = 600.0,
             return _unavailable("decode", decode_url, e)
         return Response(r.content, r.status_code, media_type=r.headers.get("content-type"))
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        return await to_decode(request, "/v1/models")
+    def route(handler: Callable[[Request, str], Awaitable[Response]], path: str
+              ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await handler(request, path)
+        return endpoint
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        return await to_decode(request, "/tokenize")
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        return await to_decode(request, "/detokenize")
+    # Generating requests go through prefill then decode; the rest to the decode side.
+    for method, path, handler in (("POST", "/v1/completions", forward),
+                                  ("POST", "/v1/chat/completions", forward),
+                                  ("GET", "/v1/models", to_decode),
+                                  ("POST", "/tokenize", to_decode),
+                                  ("POST", "/detokenize", to_decode)):
+        app.add_api_route(path, route(handler, path), methods=[method])
 
     @app.get("/health")
     async def health() -> Response:
