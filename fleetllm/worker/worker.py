@@ -18,6 +18,7 @@ from fleetllm.distributed.parallel_state import ParallelContext, init_distribute
 from fleetllm.errors import ConfigurationError, OutOfMemoryError
 from fleetllm.lora.manager import LoRAManager
 from fleetllm.lora.request import LoRARequest
+from fleetllm.model.layers.linear import drop_packed_weights, weights_as_held
 from fleetllm.model.loader import SHARDED_STATE_PATTERN
 from fleetllm.sched.output import (
     DraftTokenIds,
@@ -198,8 +199,8 @@ class Worker(WorkerBase):
 
     def get_memory_usage(self) -> dict[str, Any]:
         runner = self.model_runner
-        weights = sum(p.numel() * p.element_size() for p in runner.model.parameters()) if (
-            runner.model is not None) else 0
+        weights = sum(t.numel() * t.element_size() for _, t in weights_as_held(runner.model)
+                      ) if runner.model is not None else 0
         kv = sum(2 * k.numel() * k.element_size() for k, _ in runner.kv_caches.values())
         usage: dict[str, Any] = {
             "rank": self.rank, "device": str(self.device),
@@ -218,6 +219,8 @@ class Worker(WorkerBase):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
         runner = self.model_runner
         runner.release_kv_cache()
+        if level == 2:
+            drop_packed_weights(runner.model)
         params = list(runner.model.parameters())
         if level == 1 and self.device.type != "cpu":
             self._host_weights = [p.data.to("cpu") for p in params]
@@ -253,12 +256,12 @@ class Worker(WorkerBase):
         Path(path).mkdir(parents=True, exist_ok=True)
         part: dict[str, torch.Tensor] = {}
         size = index = 0
-        for name, param in self.model_runner.model.named_parameters():
-            nbytes = param.numel() * param.element_size()
+        for name, tensor in weights_as_held(self.model_runner.model):
+            nbytes = tensor.numel() * tensor.element_size()
             if part and max_size is not None and size + nbytes > max_size:
                 save_file(part, str(Path(path) / pattern.format(rank=self.rank, part=index)))
                 part, size, index = {}, 0, index + 1
-            part[name] = param.data.detach().contiguous().cpu()
+            part[name] = tensor.detach().contiguous().cpu()
             size += nbytes
         save_file(part, str(Path(path) / pattern.format(rank=self.rank, part=index)))
 

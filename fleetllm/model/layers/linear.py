@@ -2,10 +2,16 @@
 
 Weight loaders take either a torch.Tensor or a lazy safetensors slice, check the
 checkpoint's shape against the config, and copy the rank's part into place.
+
+On CPU, `pack_linear_weights` then moves every weight into oneDNN's blocked layout, once:
+F.linear on a plain bf16 weight reorders it on every call, which costs 1.3-1.5x at every
+batch size and 3-4x for the LM head at batch 1 (docs/performance.md). The results are
+bit-identical, as the same kernel runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,7 +48,69 @@ def check_shape(name: str, loaded: Any, expected: tuple[int, ...]) -> None:
         )
 
 
-class _Linear(nn.Module):
+# fp32 packs too, and runs 2x faster, but rounds differently from the unpacked kernel;
+# float16 needs avx512_fp16.
+PACKED_DTYPES = (torch.bfloat16,)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked layout of a [out, in] CPU weight; None where oneDNN cannot take it
+    (another device or dtype, a CPU without the instructions, a build without oneDNN)."""
+    if (weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES
+            or not torch.backends.mkldnn.is_available() or weight.numel() == 0):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+class PackedMatmul:
+    """x @ weight.T (+ bias) from the plain weight, or from its packed copy once packed, when
+    the plain weight's storage is freed (weight keeps its dtype, with no elements)."""
+
+    weight: nn.Parameter
+    packed: torch.Tensor | None = None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
+
+    def pack(self) -> bool:
+        packed = pack_weight(self.weight)
+        if packed is None:
+            return False
+        self.packed = packed
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        return True
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.packed.to_dense() if self.packed is not None else self.weight.data
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Packs every linear weight of model that oneDNN takes; returns how many it packed.
+    Call it after loading (and after attaching LoRA, which reads the weights' shapes)."""
+    return sum(m.pack() for m in model.modules() if isinstance(m, PackedMatmul))
+
+
+def drop_packed_weights(model: nn.Module) -> None:
+    """Frees the packed copies (sleep level 2: the weights are reloaded on wake-up)."""
+    for m in model.modules():
+        if isinstance(m, PackedMatmul):
+            m.packed = None
+
+
+def weights_as_held(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, dense tensor) of every parameter, packed weights included."""
+    packed = {f"{name}.weight" if name else "weight": m for name, m in model.named_modules()
+              if isinstance(m, PackedMatmul) and m.packed is not None}
+    for name, param in model.named_parameters():
+        yield name, packed[name].dense_weight() if name in packed else param.data
+
+
+class _Linear(PackedMatmul, nn.Module):
     # A LoRA hook (fleetllm.lora.layers.LoRALinear): lora(x, out) adds the adapters' delta
     # to this rank's output, before any all-reduce. A plain attribute, not a submodule, so
     # parameter names and state dicts stay those of the base model.
@@ -56,7 +124,7 @@ class _Linear(nn.Module):
                      if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = self.matmul(x, self.bias)
         return out if self.lora is None else self.lora(x, out)
 
 
@@ -118,7 +186,7 @@ class RowParallelLinear(_Linear):
         super().__init__(in_features // pc.tp_size, out_features, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        partial = self.matmul(x)
         if self.lora is not None:
             partial = self.lora(x, partial)
         out = self.pc.tp_all_reduce(partial)
@@ -163,9 +231,9 @@ class VocabParallelEmbedding(nn.Module):
         return self.pc.tp_all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(PackedMatmul, VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = self.matmul(hidden)
         if self.pc.tp_size > 1:
             logits = self.pc.tp_all_gather(logits, dim=-1)
         return logits[:, : self.vocab_size].float()
