@@ -23,7 +23,7 @@ from fleetllm.model.layers.linear import (
     read_all,
 )
 from fleetllm.model.layers.norm import RMSNorm
-from fleetllm.model.layers.rotary import RotaryEmbedding
+from fleetllm.model.layers.rotary import Rope, RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,16 +46,18 @@ class Attention(nn.Module):
         self.head_dim = d
         self.attn = TorchAttentionBackend(self.num_heads, self.num_kv_heads, d, d**-0.5, layer)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+    def forward(self, rope: Rope, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        t, h, kvh, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.split[0] + self.split[1]:].view(t, kvh, d)
+        if self.q_norm is None:  # q and k heads rotated together, in one pass
+            qk = self.rotary.rotate(rope, qkv[:, : self.split[0] + self.split[1]].view(t, h + kvh, d))
+            q, k = qk[:, :h], qk[:, h:]
+        else:
+            q, k, _ = qkv.split(self.split, dim=-1)
+            q = self.rotary.rotate(rope, self.q_norm(q.view(t, h, d)))
+            k = self.rotary.rotate(rope, self.k_norm(k.view(t, kvh, d)))
         return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))
 
 
@@ -82,9 +84,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: KVCache,
+    def forward(self, rope: Rope, h: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -122,8 +124,9 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: dict[int, KVCache], meta: AttentionMetadata,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids) if hidden is None else hidden
+        rope = self.rotary.cos_sin(positions)
         for i, layer in self.layers.items():
-            h = layer(positions, h, kv_caches[int(i)], meta)
+            h = layer(rope, h, kv_caches[int(i)], meta)
         return self.norm(h) if self.pc.is_last_pp_rank else h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

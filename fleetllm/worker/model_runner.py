@@ -17,6 +17,7 @@ from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.lora.manager import LoRAManager
 from fleetllm.lora.request import LoRARequest
 from fleetllm.model.layers.attention import AttentionMetadata, DecodeStaging, PrefillMetadata
+from fleetllm.model.layers.linear import pack_linear_weights
 from fleetllm.model.layers.sampler import (
     LogitsAdjustment,
     Sampler,
@@ -92,6 +93,9 @@ class ModelRunner:
         self.model = load_model(self.config, self.pc, self.device)
         if self.lora is not None:
             self.lora.attach(self.model)
+        packed = pack_linear_weights(self.model)
+        if packed:
+            logger.debug("packed %d linear weights into oneDNN's layout", packed)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         mc = self.config.model_config
@@ -267,7 +271,9 @@ class ModelRunner:
             st.req_ids, st.capacity, st.rebuild = req_ids, capacity, True
             self.staging = st
         st.lens = starts + 1
-        st.positions = torch.from_numpy(starts).to(self.device)
+        kv_heads = next(iter(self.kv_caches.values()))[0].shape[2]
+        rows = np.arange(len(states) * kv_heads) * st.capacity
+        st.write_index = torch.from_numpy(rows + np.repeat(starts, kv_heads)).to(self.device)
         return st
 
     def _prefill_meta(self, starts: np.ndarray, counts: np.ndarray, block_table: np.ndarray,
@@ -275,24 +281,30 @@ class ModelRunner:
         n = len(counts)
         max_q = int(counts.max())
         window = self.sliding_window
-        if not starts.any() and (counts == max_q).all() and (window is None or max_q <= window):
-            return PrefillMetadata(n, max_q, uniform=True)
+        seq_lens = starts + counts
+        if window is None or int(seq_lens.max()) <= window:  # no key ever falls outside it
+            if not starts.any() and (counts == max_q).all():
+                return PrefillMetadata(n, max_q, uniform=True)
+            bs = self.block_size
+            prefix = [t(np.ascontiguousarray(block_table[i, : -(-int(s) // bs)])) if s else None
+                      for i, s in enumerate(starts)]
+            return PrefillMetadata(n, max_q, False, starts.tolist(), counts.tolist(), prefix)
         bs = self.block_size
         q_off = np.arange(max_q)
         valid = q_off[None, :] < counts[:, None]
         cu = np.concatenate([[0], np.cumsum(counts)[:-1]])
         pad_index = np.where(valid, cu[:, None] + q_off[None, :], 0).reshape(-1)
         unpad_index = (np.arange(n)[:, None] * max_q + q_off[None, :])[valid]
-        seq_lens = starts + counts
         max_kv = int(-(-seq_lens.max() // bs)) * bs
         key_pos = np.arange(max_kv)[None, None, :]
         q_pos = (starts[:, None] + q_off[None, :])[:, :, None]
         allowed = (key_pos <= q_pos) & (key_pos < seq_lens[:, None, None])
-        if window is not None:
-            allowed &= key_pos > q_pos - window
+        allowed &= key_pos > q_pos - window
         bias = np.where(allowed, 0.0, _NEG_INF).astype(np.float32)[:, None]
-        return PrefillMetadata(n, max_q, False, t(pad_index), t(unpad_index),
-                               t(np.ascontiguousarray(block_table[:, : max_kv // bs])), t(bias))
+        return PrefillMetadata(n, max_q, False, pad_index=t(pad_index),
+                               unpad_index=t(unpad_index),
+                               block_table=t(np.ascontiguousarray(block_table[:, : max_kv // bs])),
+                               bias=t(bias))
 
     def _sampling_metadata(self, states: list[CachedRequestState],
                            so: SchedulerOutput) -> SamplingMetadata:

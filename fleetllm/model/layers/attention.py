@@ -2,9 +2,13 @@
 
 The batch is ordered decodes first (one query token per sequence), then prefill chunks.
 Decodes use a batched matmul against K/V gathered through the block table (on CPU this is
-much faster than scaled_dot_product_attention with one query); prefills use
-scaled_dot_product_attention, causal without a mask when every chunk is fresh and equally
-long. A GPU kernel can replace TorchAttentionBackend behind the same metadata.
+much faster than scaled_dot_product_attention with one query). Prefills never build a mask:
+equal fresh chunks run as one causal scaled_dot_product_attention; otherwise each chunk runs
+on its own, causal over its own tokens, and a chunk that continues earlier tokens (chunked
+prefill, a prefix-cache hit) also attends, unmasked, to those tokens' K/V read from the
+cache, the two results merged by their log-sum-exps. Only a sliding window that cuts into
+a chunk's context uses a padded batch with a mask. A GPU kernel can replace
+TorchAttentionBackend behind the same metadata.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ class PrefillMetadata:
     max_query_len: int
     # Equal, fresh chunks: plain causal attention on the chunk itself.
     uniform: bool
-    # Otherwise: padded [num_seqs * max_query_len] -> token index, and token -> padded index.
+    # Per chunk: tokens before it (in the cache already), its length, and the block ids that
+    # hold those earlier tokens (None when it starts at 0).
+    starts: list[int] | None = None
+    counts: list[int] | None = None
+    prefix_blocks: list[torch.Tensor | None] | None = None
+    # A sliding window inside some chunk's context: a padded batch with a mask,
+    # [num_seqs * max_query_len] -> token index, and token -> padded index.
     pad_index: torch.Tensor | None = None
     unpad_index: torch.Tensor | None = None
     block_table: torch.Tensor | None = None
@@ -41,7 +51,9 @@ class DecodeStaging:
         self.lens = None  # tokens held per sequence after the current step
         self.capacity = 0
         self.rebuild = True
-        self.positions: torch.Tensor | None = None  # where this step's token goes
+        # Where this step's token goes: row (sequence * kv_heads + head) * capacity + position
+        # of keys.view(-1, head_dim), for one index_copy_ per layer.
+        self.write_index: torch.Tensor | None = None
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -128,9 +140,8 @@ class TorchAttentionBackend:
             st.buffers[self.layer] = (keys, values)
         else:
             keys, values = st.buffers[self.layer]
-            rows = torch.arange(b, device=q.device)
-            keys[rows, :, st.positions] = k
-            values[rows, :, st.positions] = v
+            keys.view(-1, d).index_copy_(0, st.write_index, k.reshape(b * kvh, d))
+            values.view(-1, d).index_copy_(0, st.write_index, v.reshape(b * kvh, d))
         qg = (q * self.scale).view(b * kvh, g, d)
         scores = torch.bmm(qg, keys.view(b * kvh, cap, d).transpose(1, 2))
         probs = (scores.float().view(b, kvh, g, cap) + meta.decode_bias).softmax(dim=-1)
@@ -141,12 +152,20 @@ class TorchAttentionBackend:
                  v_cache: torch.Tensor, meta: PrefillMetadata) -> torch.Tensor:
         n, ql, h, d = meta.num_seqs, meta.max_query_len, self.num_heads, self.head_dim
         if meta.uniform:
-            qs = q.view(n, ql, h, d).transpose(1, 2)
-            ks = k.view(n, ql, self.num_kv_heads, d).transpose(1, 2)
-            vs = v.view(n, ql, self.num_kv_heads, d).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
-                                                 enable_gqa=self.group > 1)
-            return out.transpose(1, 2).reshape(n * ql, h * d)
+            return self._causal(q, k, v, n, ql).reshape(n * ql, h * d)
+        if meta.starts is not None:
+            out = torch.empty(q.shape[0], h * d, dtype=q.dtype, device=q.device)
+            offset = 0
+            for start, cnt, blocks in zip(meta.starts, meta.counts, meta.prefix_blocks):
+                end = offset + cnt
+                qi, ki, vi = q[offset:end], k[offset:end], v[offset:end]
+                if blocks is None:
+                    out[offset:end] = self._causal(qi, ki, vi, 1, cnt).view(cnt, h * d)
+                else:
+                    out[offset:end] = self._continued(qi, ki, vi, k_cache, v_cache, blocks,
+                                                      start)
+                offset = end
+            return out
         qs = q.index_select(0, meta.pad_index).view(n, ql, h, d).transpose(1, 2)
         ks = _gather(k_cache, meta.block_table)
         vs = _gather(v_cache, meta.block_table)
@@ -154,3 +173,43 @@ class TorchAttentionBackend:
                                              scale=self.scale, enable_gqa=self.group > 1)
         out = out.transpose(1, 2).reshape(n * ql, h * d)
         return out.index_select(0, meta.unpad_index)
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
+                ql: int) -> torch.Tensor:
+        """n fresh chunks of ql tokens each, causal within each: [n, ql, H, D]."""
+        d = self.head_dim
+        qs = q.view(n, ql, self.num_heads, d).transpose(1, 2)
+        ks = k.view(n, ql, self.num_kv_heads, d).transpose(1, 2)
+        vs = v.view(n, ql, self.num_kv_heads, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
+                                             enable_gqa=self.group > 1)
+        return out.transpose(1, 2)
+
+    def _continued(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                   start: int) -> torch.Tensor:
+        """One chunk of T tokens after start cached ones: [T, H * D].
+
+        Softmax over (earlier keys, own keys) equals the two partial attentions weighted by
+        their log-sum-exps: earlier keys need no mask (every query sees all of them), own
+        keys the plain causal one. For the earlier part the g query heads that share a KV
+        head are stacked as one longer query, so K/V are read once and never repeated."""
+        t, h, kvh, g, d = q.shape[0], self.num_heads, self.num_kv_heads, self.group, self.head_dim
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        keys = k_cache.index_select(0, blocks).view(-1, kvh, d)[:start].transpose(0, 1)
+        values = v_cache.index_select(0, blocks).view(-1, kvh, d)[:start].transpose(0, 1)
+        q_grouped = q.view(t, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * t, d)
+        out_a, lse_a = flash(q_grouped, keys.unsqueeze(0), values.unsqueeze(0),
+                             scale=self.scale)
+        out_a, lse_a = out_a.reshape(h, t, d), lse_a.reshape(h, t)
+        qs = q.transpose(0, 1).unsqueeze(0)
+        ks, vs = k.transpose(0, 1), v.transpose(0, 1)
+        if g > 1:
+            ks, vs = ks.repeat_interleave(g, 0), vs.repeat_interleave(g, 0)
+        out_b, lse_b = flash(qs, ks.unsqueeze(0), vs.unsqueeze(0), is_causal=True,
+                             scale=self.scale)
+        out_b, lse_b = out_b.reshape(h, t, d), lse_b.reshape(h, t)
+        lse = torch.logaddexp(lse_a, lse_b)
+        merged = (out_a * (lse_a - lse).exp().unsqueeze(-1)
+                  + out_b * (lse_b - lse).exp().unsqueeze(-1))
+        return merged.to(q.dtype).transpose(0, 1).reshape(t, h * d)

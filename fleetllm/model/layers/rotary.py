@@ -29,24 +29,31 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None)
     return torch.where(medium, smoothed, scaled)
 
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, signed sin: [T, 1, head_dim] each
+
+
 class RotaryEmbedding(nn.Module):
+    """x * cos + rotate_half(x) * sin, as transformers computes it, in fewer ops: the sign of
+    rotate_half lives in a signed sin table (-sin on the first half), so rotate_half(x) * sin
+    is x.roll(half) * signed_sin, which rounds identically. The tables are gathered once per
+    forward (cos_sin) and shared by every layer."""
+
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None, dtype: torch.dtype) -> None:
         super().__init__()
         inv_freq = inv_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
+        self.half = head_dim // 2
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.register_buffer("signed_sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1
+                                                     ).to(dtype), persistent=False)
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def cos_sin(self, positions: torch.Tensor) -> Rope:
+        return (self.cos.index_select(0, positions).unsqueeze(1),
+                self.signed_sin.index_select(0, positions).unsqueeze(1))
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D]."""
-        cos = self.cos.index_select(0, positions).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+    def rotate(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim] (q and k heads together, or either) -> rotated copy."""
+        cos, sin = rope
+        return x * cos + x.roll(self.half, -1) * sin
