@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fleetllm.model.layers.attention import AttentionMetadata, TorchAttentionBackend
+from fleetllm.model.layers.attention import (
+    SDPA_DECODE_MAX_KEYS,
+    AttentionMetadata,
+    DecodeStaging,
+    TorchAttentionBackend,
+)
 from fleetllm.model.layers.linear import PackedMatmul, pack_weight, weights_as_held
 from fleetllm.model.layers.rotary import RotaryEmbedding
 
@@ -33,7 +38,7 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
 
 
 def run_step(seqs: list[tuple[int, int]], dtype: torch.dtype, window: int | None = None,
-             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             seed: int = 0, staged_capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One step over sequences (tokens already cached, new tokens), decodes (1 new token)
     first, through the model runner's own metadata; returns (backend output, reference)."""
     from fleetllm.worker.model_runner import ModelRunner
@@ -69,18 +74,23 @@ def run_step(seqs: list[tuple[int, int]], dtype: torch.dtype, window: int | None
         slots.append(seq_slots[s:])
         refs.append(reference(q, earlier, earlier_v, s, window))
     nd = int((counts == 1).sum())
-    decode_table = decode_bias = None
+    decode_table = decode_bias = decode_mask = staging = None
+    if staged_capacity:
+        staging = DecodeStaging()
+        staging.capacity, staging.rebuild = staged_capacity, True
     if nd:
         lens = starts[:nd] + 1
-        key_pos = np.arange(max_blocks * BS)
+        key_pos = np.arange(staged_capacity or max_blocks * BS)
         allowed = key_pos[None, :] < lens[:, None]
         if window:
             allowed &= key_pos[None, :] > (lens - 1 - window)[:, None]
         decode_table = t(table[:nd])
         decode_bias = t(np.where(allowed, 0.0, -np.inf).astype(np.float32)).view(nd, 1, 1, -1)
+        decode_mask = decode_bias.to(dtype)
     prefill = (runner._prefill_meta(starts[nd:], counts[nd:], table[nd:], t)
                if nd < len(seqs) else None)
-    meta = AttentionMetadata(t(np.concatenate(slots)), nd, decode_table, decode_bias, prefill)
+    meta = AttentionMetadata(t(np.concatenate(slots)), nd, decode_table, decode_bias, prefill,
+                             staging, decode_mask)
     backend = TorchAttentionBackend(HEADS, KV_HEADS, DIM, DIM**-0.5)
     out = backend.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), (k_cache, v_cache), meta)
     return out, torch.cat(refs)
@@ -102,6 +112,13 @@ def test_paths_match_reference(case: str, dtype: torch.dtype) -> None:
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("capacity", [64, SDPA_DECODE_MAX_KEYS])  # one SDPA call; two bmm
+def test_staged_decode_matches_reference(capacity: int) -> None:
+    out, ref = run_step([(7, 1), (30, 1), (12, 1), (0, 5)], torch.bfloat16,
+                        staged_capacity=capacity)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_sliding_window_cuts_into_the_context() -> None:

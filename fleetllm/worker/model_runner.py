@@ -224,7 +224,7 @@ class ModelRunner:
         dev = self.device
         t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
         positions_t = t(positions)
-        decode_table = decode_bias = None
+        decode_table = decode_bias = decode_mask = None
         staging = self._staging(states[:num_decodes], starts[:num_decodes], max_blocks * bs)
         if num_decodes:
             decode_table = t(block_table[:num_decodes])
@@ -237,12 +237,14 @@ class ModelRunner:
                 allowed &= key_pos[None, :] > (lens - 1 - self.sliding_window)[:, None]
             decode_bias = t(np.where(allowed, 0.0, _NEG_INF).astype(np.float32)
                             ).view(num_decodes, 1, 1, -1)
+            # SDPA's additive mask, in the query's dtype, so it is not converted per layer.
+            decode_mask = decode_bias.to(self.dtype)
         prefill = None
         if num_decodes < n:
             prefill = self._prefill_meta(starts[num_decodes:], counts_np[num_decodes:],
                                          block_table[num_decodes:], t)
         meta = AttentionMetadata(t(slots), num_decodes, decode_table, decode_bias, prefill,
-                                 staging)
+                                 staging, decode_mask)
         # Logits only for the last token of sequences whose known tokens are all computed.
         sample_rows = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]
         logits_idx = t(cu[1:][sample_rows] - 1)

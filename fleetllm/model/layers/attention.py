@@ -65,8 +65,14 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None  # [num_decodes, 1, 1, max_kv_len], 0 or -inf
     prefill: PrefillMetadata | None
     staging: DecodeStaging | None = None
+    decode_mask: torch.Tensor | None = None  # decode_bias in the model's dtype
     # A KV connector (worker side): each layer waits for its loads, then saves its K/V.
     kv_connector: Any = None
+
+
+# Decode batches with at most this many keys in all (sequences x staged capacity) run as one
+# SDPA call: measured faster below ~600 keys, slower above (docs/performance.md).
+SDPA_DECODE_MAX_KEYS = 512
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -114,13 +120,13 @@ class TorchAttentionBackend:
         # bmm wants, which saves a transposing copy of the whole gathered cache.
         b, g, d = q.shape[0], self.group, self.head_dim
         blocks = meta.decode_block_table.reshape(-1)
-        qg = (q * self.scale).view(b, self.num_kv_heads, g, d)
+        qg = q.reshape(b, self.num_kv_heads, g, d)
         bias = meta.decode_bias.view(b, 1, -1)
         out = torch.empty(b, self.num_kv_heads, g, d, dtype=q.dtype, device=q.device)
         for h in range(self.num_kv_heads):
             keys = k_cache[:, :, h].index_select(0, blocks).view(b, -1, d)
             values = v_cache[:, :, h].index_select(0, blocks).view(b, -1, d)
-            scores = torch.bmm(qg[:, h], keys.transpose(1, 2)).float() + bias
+            scores = torch.add(bias, torch.bmm(qg[:, h], keys.transpose(1, 2)), alpha=self.scale)
             torch.bmm(scores.softmax(dim=-1).to(q.dtype), values, out=out[:, h])
         return out.view(b, -1)
 
@@ -142,9 +148,16 @@ class TorchAttentionBackend:
             keys, values = st.buffers[self.layer]
             keys.view(-1, d).index_copy_(0, st.write_index, k.reshape(b * kvh, d))
             values.view(-1, d).index_copy_(0, st.write_index, v.reshape(b * kvh, d))
-        qg = (q * self.scale).view(b * kvh, g, d)
-        scores = torch.bmm(qg, keys.view(b * kvh, cap, d).transpose(1, 2))
-        probs = (scores.float().view(b, kvh, g, cap) + meta.decode_bias).softmax(dim=-1)
+        if b * cap <= SDPA_DECODE_MAX_KEYS and meta.decode_mask is not None:
+            # Small batches: one SDPA call beats two bmm calls' fixed cost. Without a causal
+            # mask the g query heads of a KV head are g query rows of that head.
+            out = F.scaled_dot_product_attention(q.reshape(b, kvh, g, d), keys, values,
+                                                 attn_mask=meta.decode_mask, scale=self.scale)
+            return out.reshape(b, -1)
+        # The scale is applied in float32 with the mask, in one op (as SDPA scales inside).
+        scores = torch.bmm(q.reshape(b * kvh, g, d), keys.view(b * kvh, cap, d).transpose(1, 2))
+        probs = torch.add(meta.decode_bias, scores.view(b, kvh, g, cap),
+                          alpha=self.scale).softmax(dim=-1)
         out = torch.bmm(probs.to(q.dtype).view(b * kvh, g, cap), values.view(b * kvh, cap, d))
         return out.view(b, -1)
 
