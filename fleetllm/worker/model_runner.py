@@ -263,7 +263,11 @@ class ModelRunner:
                 and length <= st.capacity):
             st.rebuild = False
         else:
-            capacity = length + 8 * self.block_size
+            # Room to grow before the next rebuild: every step reads the whole capacity, so
+            # slack costs each step, and a rebuild costs about one step. 1/8 of the length
+            # (2 to 8 blocks) keeps both to a few percent.
+            slack = min(8, max(2, -(-length // (8 * self.block_size)))) * self.block_size
+            capacity = length + slack
             k, v = next(iter(self.kv_caches.values()))
             per_layer = 2 * len(states) * k.shape[2] * capacity * k.shape[3] * k.element_size()
             if per_layer * len(self.kv_caches) > self.staging_budget:
