@@ -3,12 +3,15 @@ the rpc request encoding the process backends share (a callable pickled once).""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fleetllm import LLM, SamplingParams
 from fleetllm.config import EngineArgs
@@ -191,6 +194,46 @@ def test_async_scheduling_keeps_outputs_and_overlaps_steps(llm: LLM, llama_dir: 
         out = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params, use_tqdm=False)]
         assert out == ref
         assert peak[0] == 2, "step N+1 should be scheduled while step N runs"
+    finally:
+        engine.shutdown()
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _parallel_op(worker: Worker) -> int:
+    torch.ones(1 << 22).sum()  # large enough to run on every intra-op thread
+    return torch.get_num_threads()
+
+
+def test_a_timed_call_starts_no_second_openmp_team(llama_dir: Path) -> None:
+    # libgomp stops spinning its idle workers once it manages more threads than CPUs, and
+    # every op then waits for one to wake: a side thread with its own team made batch-1
+    # decode 1.6x slower on 2 cores. The side thread runs with one intra-op thread.
+    engine = LLM(str(llama_dir), kv_cache_memory_bytes=1 << 24)
+    try:
+        assert engine.collective_rpc(_parallel_op) == [torch.get_num_threads()]  # inline
+        before = _os_threads()
+        assert engine.collective_rpc(_parallel_op, timeout=30) == [1]
+        assert _os_threads() == before + 1  # the side thread itself, no OpenMP workers
+        assert engine.collective_rpc(_parallel_op) == [torch.get_num_threads()]
+    finally:
+        engine.shutdown()
+
+
+def test_async_scheduling_keeps_the_worker_on_one_thread(llama_dir: Path) -> None:
+    engine = LLM(str(llama_dir), kv_cache_memory_bytes=1 << 24, async_scheduling=True)
+    try:
+        engine.generate(PROMPTS, GREEDY, use_tqdm=False)
+        inline = engine.collective_rpc(lambda w: threading.get_ident())
+        timed = engine.collective_rpc(lambda w: threading.get_ident(), timeout=30)
+        future = engine.engine_core.executor.collective_rpc(lambda w: threading.get_ident(),
+                                                            non_block=True)[0]
+        assert inline == timed == [future.result(timeout=30)]
+        assert inline[0] != threading.get_ident()  # the caller's thread only schedules
+        # the worker thread kept the full intra-op count its init_device set
+        assert engine.collective_rpc(_parallel_op) == [torch.get_num_threads()]
     finally:
         engine.shutdown()
 
