@@ -6,15 +6,14 @@ engine fails no request."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fleetllm import LLM, SamplingParams
 from fleetllm.errors import EngineRestartingError, ScaleError
-from tests.helpers import generate_ids, random_prompts
+from tests.helpers import generate_ids, kill_mid_generate, random_prompts
 
 ray = pytest.importorskip("ray", reason="the Ray tests need Ray: pip install -e .[ray]")
 
@@ -24,25 +23,6 @@ KV = 1 << 24
 PROMPTS = random_prompts(tuple(5 + 2 * i for i in range(12)), seed=11)
 PARAMS = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)  # outlasts a node
-
-
-def _remove_after_steps(llm: LLM, remove: Callable[[], None], steps: int) -> None:
-    """Run `remove` inside the client's `steps`-th step that returns outputs, once: the
-    node goes while every request is mid-generation however fast decode is (a timer raced
-    the generation and lost once decode got faster)."""
-    client = llm.engine_core
-    step, seen = client.step, 0
-
-    def stepping() -> list[Any]:
-        nonlocal seen
-        outputs = step()
-        seen += bool(outputs)
-        if seen == steps:
-            del client.step  # back to the class's method before anything else can fail
-            remove()
-        return outputs
-
-    client.step = stepping
 
 
 def _scale(llm: LLM, size: int, timeout: float = 60) -> None:
@@ -105,7 +85,7 @@ def test_scale_on_a_cluster_that_grows_and_loses_a_node(llama_dir: Path,
 
         # node1 goes away mid-generation: its engine's requests move, none fails
         node1 = next(n for n in cluster.worker_nodes if _names().get(n.node_id) == "node1")
-        _remove_after_steps(llm, lambda: cluster.remove_node(node1), steps=5)
+        kill_mid_generate(llm, lambda: cluster.remove_node(node1))  # all under way
         assert generate_ids(llm, PROMPTS, LONG) == expected_long
         assert llm.engine_core.num_requests_recovered > 0  # it was lost mid-generation
         _scale(llm, 2)
