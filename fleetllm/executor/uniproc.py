@@ -80,10 +80,13 @@ class UniProcExecutor(Executor):
     worker lives on its own thread from the start (start-up included), step N+1 is scheduled
     on the caller's while step N runs there, and every call goes through it."""
 
-    def _init_executor(self) -> None:
+    def _init_rpc(self) -> None:
         self._rpc_thread: ThreadPoolExecutor | None = None
         self._last: Future[Any] | None = None
         self._always_thread = self.scheduler_config.async_scheduling
+
+    def _init_executor(self) -> None:
+        self._init_rpc()
         self.driver_worker = WorkerWrapperBase(rpc_rank=0)
         self.driver_worker.init_worker(self.config, local_rank=0, rank=0,
                                        distributed_init_method=None, is_driver_worker=True)
@@ -162,9 +165,7 @@ class ExecutorWithExternalLauncher(UniProcExecutor):
             raise ConfigurationError(
                 f"torchrun started {world} processes but tensor_parallel_size x "
                 f"pipeline_parallel_size = {self.parallel_config.world_size}; make them equal")
-        self._rpc_thread = None
-        self._last = None
-        self._always_thread = self.scheduler_config.async_scheduling
+        self._init_rpc()
         self.rank = int(os.environ["RANK"])
         self.driver_worker = WorkerWrapperBase(rpc_rank=self.rank)
         self.driver_worker.init_worker(self.config, local_rank=int(os.environ["LOCAL_RANK"]),
@@ -178,7 +179,6 @@ class ExecutorWithExternalLauncher(UniProcExecutor):
 
     def determine_available_memory(self) -> list[int]:
         """The smallest across ranks, so every rank sizes the same KV cache."""
-        import torch
         import torch.distributed as dist
 
         mem = torch.tensor(super().determine_available_memory(), dtype=torch.int64)
@@ -200,7 +200,6 @@ class ExecutorWithExternalLauncher(UniProcExecutor):
         return output
 
     def _broadcast_output(self, output: ModelRunnerOutput) -> ModelRunnerOutput:
-        import torch
         import torch.distributed as dist
 
         group = self._cpu_group()
