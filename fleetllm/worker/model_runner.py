@@ -17,6 +17,7 @@ from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.lora.manager import LoRAManager
 from fleetllm.lora.request import LoRARequest
 from fleetllm.model.layers.attention import AttentionMetadata, DecodeStaging, PrefillMetadata
+from fleetllm.model.layers.cpu_kernels import CpuKernels, decode_kernels_for
 from fleetllm.model.layers.linear import pack_linear_weights
 from fleetllm.model.layers.sampler import (
     LogitsAdjustment,
@@ -81,6 +82,8 @@ class ModelRunner:
         self.sampler = Sampler(mc.seed)
         self.staging: DecodeStaging | None = None
         self.staging_budget = 0
+        # The native decode-attention kernel over the staging copy (bf16 on CPU), or None.
+        self.cpu_kernels: CpuKernels | None = None
         self.spec = (SpecDecodeRunner(config.speculative_config, self.block_size)
                      if config.speculative_config is not None else None)
         self.lora = (LoRAManager(config.lora_config, mc, self.dtype)
@@ -96,6 +99,8 @@ class ModelRunner:
         packed = pack_linear_weights(self.model)
         if packed:
             logger.debug("packed %d linear weights into oneDNN's layout", packed)
+        self.cpu_kernels = decode_kernels_for(self.device, self.dtype,
+                                              self.config.model_config.head_dim)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         mc = self.config.model_config
@@ -228,6 +233,7 @@ class ModelRunner:
         staging = self._staging(states[:num_decodes], starts[:num_decodes], max_blocks * bs)
         if num_decodes:
             decode_table = t(block_table[:num_decodes])
+        if num_decodes and (staging is None or staging.ranges is None):  # else: no mask needed
             lens = seq_lens[:num_decodes]
             # With a staging copy, attention spans its whole capacity (contiguous operands
             # for the matmuls); the mask hides the unused tail.
@@ -277,6 +283,9 @@ class ModelRunner:
             st.req_ids, st.capacity, st.rebuild = req_ids, capacity, True
             self.staging = st
         st.lens = starts + 1
+        if self.cpu_kernels is not None:
+            st.kernels = self.cpu_kernels
+            st.ranges = self.cpu_kernels.decode_ranges(st.lens, self.sliding_window)
         kv_heads = next(iter(self.kv_caches.values()))[0].shape[2]
         rows = np.arange(len(states) * kv_heads) * st.capacity
         st.write_index = torch.from_numpy(rows + np.repeat(starts, kv_heads)).to(self.device)

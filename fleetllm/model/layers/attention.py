@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fleetllm.model.layers.cpu_kernels import CpuKernels, DecodeRanges
+
 
 @dataclass
 class PrefillMetadata:
@@ -55,6 +57,9 @@ class DecodeStaging:
         # of keys.view(-1, head_dim), for one index_copy_ per layer.
         self.write_index: torch.Tensor | None = None
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The native kernel and each sequence's key range, when it runs this step's attention.
+        self.kernels: CpuKernels | None = None
+        self.ranges: DecodeRanges | None = None
 
 
 @dataclass
@@ -148,6 +153,8 @@ class TorchAttentionBackend:
             keys, values = st.buffers[self.layer]
             keys.view(-1, d).index_copy_(0, st.write_index, k.reshape(b * kvh, d))
             values.view(-1, d).index_copy_(0, st.write_index, v.reshape(b * kvh, d))
+        if st.ranges is not None:  # one pass over K and V, float32 inside
+            return st.kernels.decode_attention(q, keys, values, st.ranges, self.scale)
         if b * cap <= SDPA_DECODE_MAX_KEYS and meta.decode_mask is not None:
             # Small batches: one SDPA call beats two bmm calls' fixed cost. Without a causal
             # mask the g query heads of a KV head are g query rows of that head.

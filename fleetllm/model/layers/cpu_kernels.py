@@ -1,0 +1,194 @@
+"""Native CPU kernels, built on first use with the host's C compiler and called through ctypes.
+
+torch has no fused decode attention on CPU: its SDPA with one query row, or two bmm calls
+around a softmax, read the staged K/V at a half to a third of the memory bandwidth
+(docs/performance.md). decode_attention.c reads K and V once, in float32. It is plain C with
+AVX-512 intrinsics and no torch headers, so a build takes about a second. It is compiled with
+-march=native for the machine at hand and cached under $FLEETLLM_CACHE_DIR (default
+$XDG_CACHE_HOME/fleetllm, else ~/.cache/fleetllm), keyed by a hash of the source, the compiler,
+its flags and the CPU's flags. Its OpenMP loops run on the runtime torch has already loaded
+(libgomp.so.1), so one thread pool serves both.
+
+Where no kernel can be had (FLEETLLM_CPU_KERNELS=0, not x86-64, no AVX-512, no compiler, a
+failed build) `load()` returns None and the caller keeps its pure-torch path; the reason is
+logged once per process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+# head_dim / 16 values the kernel has register-blocked loops for.
+_HEAD_DIM_BLOCKS = (1, 2, 4, 8)
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FLEETLLM_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "fleetllm")
+    return Path(root) / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _torch_uses_libgomp() -> bool:
+    """True when this process has GNU OpenMP loaded (torch's CPU wheels bring it)."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def _why_unavailable() -> str | None:
+    if os.environ.get("FLEETLLM_CPU_KERNELS", "1") == "0":
+        return "FLEETLLM_CPU_KERNELS=0"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"the kernels are x86-64 only (this is {platform.machine()})"
+    if "avx512f" not in _cpu_flags():
+        return "this CPU has no AVX-512"
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        return f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH: install gcc, or set CC"
+    return None
+
+
+def build(source: Path = SOURCE) -> Path:
+    """Compiles `source` into the cache (once per source, compiler, flags and CPU) -> the .so."""
+    cc = os.environ.get("CC") or "cc"
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
+    if _torch_uses_libgomp():
+        flags.append("-fopenmp")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), cc, version, *flags,
+                                    *sorted(_cpu_flags())]).encode()).hexdigest()[:16]
+    out_dir = cache_dir()
+    target = out_dir / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed into place: processes that build at the same
+    # time each get a whole file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {source.name}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@dataclass
+class DecodeRanges:
+    """Each decode sequence's key range [lo, hi) in the staging copy, for one step."""
+
+    lo: torch.Tensor  # int64 [num_seqs]
+    hi: torch.Tensor
+    table: torch.Tensor  # int64 [num_seqs, 1]: sequence i is staging row i
+    longest: int
+
+
+class CpuKernels:
+    """The loaded library, with typed wrappers around its entry points."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        fn = self._lib.fl_decode_attention
+        fn.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR,
+                       _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, _PTR]
+        fn.restype = ctypes.c_int
+        self._decode = fn
+
+    @staticmethod
+    def decode_ranges(lens: np.ndarray, sliding_window: int | None) -> DecodeRanges:
+        """lens: keys held per sequence after this step (the current token included)."""
+        hi = np.ascontiguousarray(lens, dtype=np.int64)
+        lo = (np.maximum(hi - sliding_window, 0) if sliding_window else np.zeros_like(hi))
+        table = np.arange(len(hi), dtype=np.int64).reshape(-1, 1)
+        return DecodeRanges(torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(table),
+                            int(hi.max() - lo.min()) if len(hi) else 0)
+
+    def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         ranges: DecodeRanges, scale: float, splits: int | None = None,
+                         ) -> torch.Tensor:
+        """q: [b, kv_heads * g, d] (rows contiguous); keys, values: the staging copy,
+        [b, kv_heads, capacity, d], contiguous; all bf16 -> [b, kv_heads * g * d]. splits:
+        key ranges per (sequence, kv head), merged at the end; None chooses."""
+        b, kvh, cap, d = keys.shape
+        assert q.dtype == keys.dtype == values.dtype == torch.bfloat16 and q.stride(2) == 1
+        assert keys.is_contiguous() and values.is_contiguous()
+        heads = q.shape[1]
+        # With fewer (sequence, kv head) items than threads, each one's keys are split.
+        if splits is None:
+            threads = torch.get_num_threads()
+            splits = 1
+            if b * kvh < threads and ranges.longest >= 256:
+                splits = -(-threads // (b * kvh))
+        splits = max(1, min(splits, 64))  # the merge holds 64 weights
+        out = torch.empty(b, heads * d, dtype=q.dtype)
+        rc = self._decode(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(),
+                          values.data_ptr(), ranges.table.data_ptr(), 1, cap, kvh * cap * d, d,
+                          cap * d, ranges.lo.data_ptr(), ranges.hi.data_ptr(), b, kvh,
+                          heads // kvh, d, scale, splits, out.data_ptr())
+        if rc != 0:
+            raise MemoryError("decode attention: no scratch memory for the kernel")
+        return out
+
+
+@cache
+def load() -> CpuKernels | None:
+    """The process's kernels, built or taken from the cache; None where none can be had."""
+    reason = _why_unavailable()
+    if reason is not None:
+        logger.info("CPU decode-attention kernel not used: %s; decode attention stays on "
+                    "torch ops", reason)
+        return None
+    try:
+        return CpuKernels(build())
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        logger.warning("CPU decode-attention kernel not built, decode attention stays on torch "
+                       "ops (slower): %s. Set FLEETLLM_CPU_KERNELS=0 to skip the build.", e)
+        return None
+
+
+def decode_kernels_for(device: torch.device, dtype: torch.dtype, head_dim: int,
+                       ) -> CpuKernels | None:
+    """The kernels when they apply to this model: bf16 on CPU, head_dim a multiple of 16 up
+    to 128. Other dtypes keep torch's path (float32 stays bit-identical to transformers)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    if head_dim % 16 or head_dim // 16 not in _HEAD_DIM_BLOCKS:
+        return None
+    return load()
