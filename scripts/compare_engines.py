@@ -9,7 +9,8 @@ vLLM runs from its own virtualenv (../shared/bench/install-vllm-cpu.sh DIR), wit
 enforce_eager; a missing interpreter skips it. Every workload uses bf16 dummy (random)
 weights, greedy decoding, ignore_eos and random prompt ids; the timed prompts differ from the
 warm-up ones, so no prefix cache helps. Figures per engine: start-up to ready, the batch's
-prefill (a generate with max_tokens=1), the full generate, output tokens/s, and decode
+prefill (the fastest of up to 3 generates with max_tokens=1, after a warm-up at the same
+shape), the full generate, output tokens/s, and decode
 ms/step = (full - prefill) / (output_len - 1). The worker side (--worker) imports only the
 standard library and the engine it runs, as vLLM's venv has no fleetllm.
 """
@@ -117,10 +118,17 @@ def run_worker(engine: str, workload: str, scale: float) -> dict[str, Any]:
         gen, close = _transformers(model, dummy)
     startup = time.perf_counter() - start
     try:
-        gen(prompts(1, 16, vocab, 1), 4)  # warm-up
-        start = time.perf_counter()
-        gen(prompts(n, in_len, vocab, 2), 1)
-        prefill = time.perf_counter() - start
+        # Warm-up at the timed shape, so first-use costs of that shape (allocations, oneDNN
+        # primitives) land in neither figure.
+        gen(prompts(n, in_len, vocab, 1), 2)
+        # The batch's prefill: the fastest of up to 3 runs, within ~2 s, as the decode figure
+        # is the full run minus this one and small runs are dominated by its noise.
+        prefill, spent, seed = float("inf"), 0.0, 10
+        while seed < 13 and (seed == 10 or spent < 2.0):
+            start = time.perf_counter()
+            gen(prompts(n, in_len, vocab, seed), 1)
+            took = time.perf_counter() - start
+            prefill, spent, seed = min(prefill, took), spent + took, seed + 1
         start = time.perf_counter()
         produced = gen(prompts(n, in_len, vocab, 3), out_len)
         total = time.perf_counter() - start

@@ -15,14 +15,14 @@ def test_compare_engines_runs_each_engine_and_reports_ratios(tmp_path: Path) -> 
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--workloads", "builtin", "--engines",
          "fleetllm,vllm,transformers", "--vllm-python", str(tmp_path / "no-such-python"),
-         "--scale", "0.05", "--markdown", "--output-json", str(out)],
+         "--scale", "0.2", "--markdown", "--output-json", str(out)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "skipping vLLM" in proc.stdout
     results = json.loads(out.read_text())
     assert {r["engine"] for r in results} == {"fleetllm", "transformers"}
     for r in results:
-        assert r["workload"] == "builtin" and r["output_len"] == 6
+        assert r["workload"] == "builtin" and r["output_len"] == 26
         for key in ("startup_s", "prefill_s", "total_s", "out_tok_s", "decode_ms_per_step",
                     "prefill_ms_per_token"):
             assert r[key] > 0, (key, r)
