@@ -115,7 +115,6 @@ class DecodeRanges:
 
     lo: torch.Tensor  # int64 [num_seqs]
     hi: torch.Tensor
-    table: torch.Tensor  # int64 [num_seqs, 1]: sequence i is staging row i
     longest: int
 
 
@@ -126,8 +125,8 @@ class CpuKernels:
         self.path = path
         self._lib = ctypes.CDLL(str(path))
         fn = self._lib.fl_decode_attention
-        fn.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR,
-                       _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, _PTR]
+        fn.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64,
+                       ctypes.c_float, _I64, _PTR]
         fn.restype = ctypes.c_int
         self._decode = fn
 
@@ -136,9 +135,8 @@ class CpuKernels:
         """lens: keys held per sequence after this step (the current token included)."""
         hi = np.ascontiguousarray(lens, dtype=np.int64)
         lo = (np.maximum(hi - sliding_window, 0) if sliding_window else np.zeros_like(hi))
-        table = np.arange(len(hi), dtype=np.int64).reshape(-1, 1)
-        return DecodeRanges(torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(table),
-                            int(hi.max() - lo.min()) if len(hi) else 0)
+        return DecodeRanges(torch.from_numpy(lo), torch.from_numpy(hi),
+                            int((hi - lo).max()) if len(hi) else 0)
 
     def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          ranges: DecodeRanges, scale: float, splits: int | None = None,
@@ -159,9 +157,8 @@ class CpuKernels:
         splits = max(1, min(splits, 64))  # the merge holds 64 weights
         out = torch.empty(b, heads * d, dtype=q.dtype)
         rc = self._decode(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(),
-                          values.data_ptr(), ranges.table.data_ptr(), 1, cap, kvh * cap * d, d,
-                          cap * d, ranges.lo.data_ptr(), ranges.hi.data_ptr(), b, kvh,
-                          heads // kvh, d, scale, splits, out.data_ptr())
+                          values.data_ptr(), cap, ranges.lo.data_ptr(), ranges.hi.data_ptr(), b,
+                          kvh, heads // kvh, d, scale, splits, out.data_ptr())
         if rc != 0:
             raise MemoryError("decode attention: no scratch memory for the kernel")
         return out

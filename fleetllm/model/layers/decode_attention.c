@@ -1,7 +1,7 @@
-/* Decode attention on CPU: one query token per sequence against its keys, read where they
- * lie (the paged cache through a block table, or the decode staging copy), in one pass over
- * K and V. Scores, softmax and the weighted sum are float32; q, K, V and the output bf16.
- * Built by fleetllm/model/layers/cpu_kernels.py with the host's gcc (-O3 -march=native -fopenmp) and
+/* Decode attention on CPU: one query token per sequence against its keys in the decode
+ * staging copy ([num_seqs, kv_heads, capacity, d], contiguous), in one pass over K and V.
+ * Scores, softmax and the weighted sum are float32; q, K, V and the output bf16. Built by
+ * fleetllm/model/layers/cpu_kernels.py with the host's cc (-O3 -march=native -fopenmp) and
  * called through ctypes; the OpenMP runtime is the one torch has loaded (libgomp.so.1). */
 #include <immintrin.h>
 #include <stdint.h>
@@ -56,34 +56,15 @@ static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm512_castps512_ps128(_mm512_permutexvar_ps(idx, s));
 }
 
-typedef struct {
-    const bf16 *k, *v;
-    const int64_t *table;
-    int64_t table_stride, block_size, block_stride, token_stride, head_stride;
-} KV;
-
-/* Offsets of keys [lo, hi) of one (sequence, kv head): one block-table read per block. */
-static void rows_of(const KV *kv, int64_t seq, int64_t head, int64_t lo, int64_t hi,
-                    int64_t *rows) {
-    int64_t t = lo, i = 0;
-    while (t < hi) {
-        int64_t blk = kv->table[seq * kv->table_stride + t / kv->block_size];
-        int64_t off = t % kv->block_size, end = t - off + kv->block_size;
-        int64_t base = blk * kv->block_stride + head * kv->head_stride;
-        if (end > hi) end = hi;
-        for (; t < end; t++, off++) rows[i++] = base + off * kv->token_stride;
-    }
-}
-
 /* acc[j] += sum_t p[j][t] * V[t] for GB query rows at a time, the accumulators in registers. */
 #define WEIGHTED_SUM(NC, GB)                                                                   \
-    static void wsum_##NC##_##GB(const bf16 *v, const int64_t *rows, int64_t n,              \
-                                 const float *p, int64_t pstride, float *acc, int64_t d) {    \
+    static void wsum_##NC##_##GB(const bf16 *v, int64_t n, const float *p, int64_t pstride,  \
+                                 float *acc, int64_t d) {                                     \
         __m512 a[GB][NC];                                                                      \
         for (int jj = 0; jj < GB; jj++)                                                        \
             for (int c = 0; c < NC; c++) a[jj][c] = _mm512_setzero_ps();                       \
         for (int64_t t = 0; t < n; t++) {                                                      \
-            const bf16 *vr = v + rows[t];                                                      \
+            const bf16 *vr = v + t * d;                                                        \
             __m512 w[GB];                                                                      \
             for (int jj = 0; jj < GB; jj++) w[jj] = _mm512_set1_ps(p[jj * pstride + t]);       \
             for (int c = 0; c < NC; c++) {                                                     \
@@ -99,11 +80,10 @@ WEIGHTED_SUM(2, 1) WEIGHTED_SUM(2, 2) WEIGHTED_SUM(2, 3) WEIGHTED_SUM(2, 4)
 WEIGHTED_SUM(4, 1) WEIGHTED_SUM(4, 2) WEIGHTED_SUM(4, 3) WEIGHTED_SUM(4, 4)
 WEIGHTED_SUM(8, 1) WEIGHTED_SUM(8, 2)
 
-typedef void (*wsum_fn)(const bf16 *, const int64_t *, int64_t, const float *, int64_t,
-                        float *, int64_t);
+typedef void (*wsum_fn)(const bf16 *, int64_t, const float *, int64_t, float *, int64_t);
 
-static void weighted_sum(const bf16 *v, const int64_t *rows, int64_t n, const float *p,
-                         int64_t g, int64_t d, float *acc) {
+static void weighted_sum(const bf16 *v, int64_t n, const float *p, int64_t g, int64_t d,
+                         float *acc) {
     static const wsum_fn table[9][4] = {
         [1] = {wsum_1_1, wsum_1_2, wsum_1_3, wsum_1_4},
         [2] = {wsum_2_1, wsum_2_2, wsum_2_3, wsum_2_4},
@@ -113,18 +93,18 @@ static void weighted_sum(const bf16 *v, const int64_t *rows, int64_t n, const fl
     int64_t nc = d / 16, most = nc == 8 ? 2 : 4;
     for (int64_t j = 0; j < g;) {
         int64_t gb = g - j < most ? g - j : most;
-        table[nc][gb - 1](v, rows, n, p + j * n, n, acc + j * d, d);
+        table[nc][gb - 1](v, n, p + j * n, n, acc + j * d, d);
         j += gb;
     }
 }
 
 /* One (sequence, kv head, key range) item: g query rows (bf16 qb and float32 qf, d each)
- * against keys [lo, hi). Leaves unnormalised acc[g][d], max m[g] and sum l[g]. */
-static void attend(const KV *kv, int64_t seq, int64_t head, int64_t lo, int64_t hi,
-                   const bf16 *qb, const float *qf, float scale, int64_t g, int64_t d,
-                   float *scores, int64_t *rows, float *acc, float *m, float *l) {
-    int64_t n = hi - lo, nc = d / 16;
-    rows_of(kv, seq, head, lo, hi, rows);
+ * against the n keys and values at k and v (rows of d). Leaves unnormalised acc[g][d],
+ * max m[g] and sum l[g]. */
+static void attend(const bf16 *k, const bf16 *v, int64_t n, const bf16 *qb, const float *qf,
+                   float scale, int64_t g, int64_t d, float *scores, float *acc, float *m,
+                   float *l) {
+    int64_t nc = d / 16;
     /* scores[j][t]: four keys at a time, reduced together */
     int64_t t = 0;
 #ifdef __AVX512BF16__
@@ -134,8 +114,7 @@ static void attend(const KV *kv, int64_t seq, int64_t head, int64_t lo, int64_t 
     int64_t n32 = d / 32;
     __m128 sc = _mm_set1_ps(scale);
     for (; d % 32 == 0 && t + 4 <= n; t += 4) {
-        const bf16 *kr[4] = {kv->k + rows[t], kv->k + rows[t + 1], kv->k + rows[t + 2],
-                             kv->k + rows[t + 3]};
+        const bf16 *kr[4] = {k + t * d, k + (t + 1) * d, k + (t + 2) * d, k + (t + 3) * d};
         for (int64_t j = 0; j < g; j++) {
             __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                            _mm512_setzero_ps()};
@@ -151,8 +130,7 @@ static void attend(const KV *kv, int64_t seq, int64_t head, int64_t lo, int64_t 
     }
 #endif
     for (; t + 4 <= n; t += 4) {
-        const bf16 *k0 = kv->k + rows[t], *k1 = kv->k + rows[t + 1];
-        const bf16 *k2 = kv->k + rows[t + 2], *k3 = kv->k + rows[t + 3];
+        const bf16 *k0 = k + t * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
         for (int64_t j = 0; j < g; j++) {
             const float *qj = qf + j * d;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -167,7 +145,7 @@ static void attend(const KV *kv, int64_t seq, int64_t head, int64_t lo, int64_t 
         }
     }
     for (; t < n; t++) {
-        const bf16 *k0 = kv->k + rows[t];
+        const bf16 *k0 = k + t * d;
         for (int64_t j = 0; j < g; j++) {
             __m512 a0 = _mm512_setzero_ps();
             for (int64_t c = 0; c < nc; c++)
@@ -198,20 +176,17 @@ static void attend(const KV *kv, int64_t seq, int64_t head, int64_t lo, int64_t 
         m[j] = mx;
         l[j] = _mm512_reduce_add_ps(vs);
     }
-    weighted_sum(kv->v, rows, n, scores, g, d, acc);
+    weighted_sum(v, n, scores, g, d, acc);
 }
 
-/* q: [num_seqs, kv_heads * g, d] with the given strides (elements); out: [num_seqs,
- * kv_heads * g * d], contiguous. lo/hi: each sequence's key range. Each (sequence, kv head)
- * is cut into `splits` key ranges, merged by their maxima and sums. Returns 0, or -1 when
- * scratch memory could not be had. */
+/* q: [num_seqs, kv_heads * g, d] with the given strides (elements); k, v: [num_seqs,
+ * kv_heads, capacity, d], contiguous; out: [num_seqs, kv_heads * g * d], contiguous. lo/hi:
+ * each sequence's key range. Each (sequence, kv head) is cut into `splits` key ranges,
+ * merged by their maxima and sums. Returns 0, or -1 when scratch memory could not be had. */
 int fl_decode_attention(const bf16 *q, int64_t q_seq_stride, int64_t q_head_stride,
-                        const bf16 *k, const bf16 *v, const int64_t *table,
-                        int64_t table_stride, int64_t block_size, int64_t block_stride,
-                        int64_t token_stride, int64_t head_stride, const int64_t *lo,
+                        const bf16 *k, const bf16 *v, int64_t capacity, const int64_t *lo,
                         const int64_t *hi, int64_t num_seqs, int64_t kv_heads, int64_t g,
                         int64_t d, float scale, int64_t splits, bf16 *out) {
-    KV kv = {k, v, table, table_stride, block_size, block_stride, token_stride, head_stride};
     int64_t items = num_seqs * kv_heads * splits, longest = 0;
     for (int64_t s = 0; s < num_seqs; s++)
         longest = hi[s] - lo[s] > longest ? hi[s] - lo[s] : longest;
@@ -222,7 +197,7 @@ int fl_decode_attention(const bf16 *q, int64_t q_seq_stride, int64_t q_head_stri
 #pragma omp parallel
     {
         float *scores = malloc(sizeof(float) * (g * (chunk + 16) + g * d) +
-                               sizeof(bf16) * (g * d + 32) + sizeof(int64_t) * (chunk + 16));
+                               sizeof(bf16) * g * d);
         if (scores == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -246,8 +221,8 @@ int fl_decode_attention(const bf16 *q, int64_t q_seq_stride, int64_t q_head_stri
                 for (int64_t c = 0; c < d / 16; c++)
                     _mm512_storeu_ps(qf + j * d + 16 * c, load16(qr + 16 * c));
             }
-            attend(&kv, s, h, a, b, qb, qf, scale, g, d, scores,
-                   (int64_t *)(qb + g * d + 32), acc, m, l);
+            int64_t first = ((s * kv_heads + h) * capacity + a) * d;
+            attend(k + first, v + first, b - a, qb, qf, scale, g, d, scores, acc, m, l);
         }
         free(scores);
         /* merge the splits of each (sequence, kv head, query row) */
