@@ -164,3 +164,21 @@ def test_only_bf16_cpu_models_with_a_supported_head_dim_use_it(monkeypatch):
     assert decode_kernels_for(cpu, torch.bfloat16, 80) is None
     assert decode_kernels_for(cpu, torch.bfloat16, 256) is None
     assert decode_kernels_for(torch.device("meta"), torch.bfloat16, 64) is None
+
+
+@pytest.mark.parametrize("value", ["off", "true", "", "2"])
+def test_a_bad_switch_value_is_refused_naming_the_choices(fresh_load, monkeypatch, value):
+    monkeypatch.setenv("FLEETLLM_CPU_KERNELS", value)
+    with pytest.raises(ValueError, match="FLEETLLM_CPU_KERNELS must be 0 .off. or 1"):
+        fresh_load()
+
+
+@needs_kernel
+def test_an_unwritable_cache_keeps_the_torch_path_and_says_why(fresh_load, monkeypatch,
+                                                               tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLEETLLM_CACHE_DIR", str(blocker))  # kernels/ cannot go under a file
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert fresh_load() is None
+    assert "not built" in caplog.text and "a-file" in caplog.text

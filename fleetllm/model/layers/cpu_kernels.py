@@ -67,7 +67,11 @@ def _torch_uses_libgomp() -> bool:
 
 
 def _why_unavailable() -> str | None:
-    if os.environ.get("FLEETLLM_CPU_KERNELS", "1") == "0":
+    switch = os.environ.get("FLEETLLM_CPU_KERNELS", "1")
+    if switch not in ("0", "1"):
+        raise ValueError(f"FLEETLLM_CPU_KERNELS must be 0 (off) or 1 (on, the default), "
+                         f"not {switch!r}")
+    if switch == "0":
         return "FLEETLLM_CPU_KERNELS=0"
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"the kernels are x86-64 only (this is {platform.machine()})"
