@@ -1,13 +1,16 @@
 """Native CPU kernels, built on first use with the host's C compiler and called through ctypes.
 
-torch has no fused decode attention on CPU: its SDPA with one query row, or two bmm calls
-around a softmax, read the staged K/V at a half to a third of the memory bandwidth
-(docs/performance.md). decode_attention.c reads K and V once, in float32. It is plain C with
-AVX-512 intrinsics and no torch headers, so a build takes about a second. It is compiled with
--march=native for the machine at hand and cached under $FLEETLLM_CACHE_DIR (default
-$XDG_CACHE_HOME/fleetllm, else ~/.cache/fleetllm), keyed by a hash of the source, the compiler,
-its flags and the CPU's flags. Its OpenMP loops run on the runtime torch has already loaded
-(libgomp.so.1), so one thread pool serves both.
+- decode_attention.c: torch has no fused decode attention on CPU. Its SDPA with one query row,
+  or two bmm calls around a softmax, read the staged K/V at a half to a third of the memory
+  bandwidth (docs/performance.md); the kernel reads K and V once, in float32.
+- pointwise.c: residual add + RMSNorm, SiLU-and-mul and rotary embedding, one call each
+  where torch takes 4-12 small ops (~10 us per norm at batch 1, most of it dispatch).
+
+Plain C with AVX-512 intrinsics and no torch headers, so a build takes about a second. It is
+compiled with -march=native for the machine at hand and cached under $FLEETLLM_CACHE_DIR
+(default $XDG_CACHE_HOME/fleetllm, else ~/.cache/fleetllm), keyed by a hash of the sources, the
+compiler, its flags and the CPU's flags. Its OpenMP loops run on the runtime torch has already
+loaded (libgomp.so.1), so one thread pool serves both.
 
 Where no kernel can be had (FLEETLLM_CPU_KERNELS=0, not x86-64, no AVX-512, no compiler, a
 failed build) `load()` returns None and the caller keeps its pure-torch path; the reason is
@@ -33,7 +36,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "decode_attention.c", _HERE / "pointwise.c")
+HEADERS = (_HERE / "kernels.h",)
 # head_dim / 16 values the kernel has register-blocked loops for.
 _HEAD_DIM_BLOCKS = (1, 2, 4, 8)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -82,18 +87,20 @@ def _why_unavailable() -> str | None:
     return None
 
 
-def build(source: Path = SOURCE) -> Path:
-    """Compiles `source` into the cache (once per source, compiler, flags and CPU) -> the .so."""
+def build(sources: tuple[Path, ...] = SOURCES, headers: tuple[Path, ...] = HEADERS) -> Path:
+    """Compiles `sources` into one library in the cache (once per source text, compiler, flags
+    and CPU) -> the .so."""
     cc = os.environ.get("CC") or "cc"
     flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
     if _torch_uses_libgomp():
         flags.append("-fopenmp")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30,
                              check=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), cc, version, *flags,
+    texts = [f.read_text() for f in (*sources, *headers)]
+    key = hashlib.sha256("\0".join([*texts, cc, version, *flags,
                                     *sorted(_cpu_flags())]).encode()).hexdigest()[:16]
     out_dir = cache_dir()
-    target = out_dir / f"{source.stem}-{key}.so"
+    target = out_dir / f"fleetllm-kernels-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,10 +109,11 @@ def build(source: Path = SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run([cc, *flags, "-o", tmp, *map(str, sources), "-lm"],
+                              capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {source.name}: {done.stderr.strip()[-2000:]}")
+            names = ", ".join(f.name for f in sources)
+            raise RuntimeError(f"{cc} failed on {names}: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -133,6 +141,49 @@ class CpuKernels:
                        ctypes.c_float, _I64, _PTR]
         fn.restype = ctypes.c_int
         self._decode = fn
+        self._add_rms_norm = self._lib.fl_add_rms_norm
+        self._add_rms_norm.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, ctypes.c_float,
+                                       _PTR, _PTR]
+        self._add_rms_norm.restype = None
+        self._silu_and_mul = self._lib.fl_silu_and_mul
+        self._silu_and_mul.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+        self._silu_and_mul.restype = None
+        self._rotate = self._lib.fl_rotate
+        self._rotate.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR]
+        self._rotate.restype = None
+
+    # The pointwise kernels take bf16 rows with a unit last stride (any row stride) and
+    # return fresh contiguous tensors; callers check `rows_ok` and keep torch's ops otherwise.
+    @staticmethod
+    def rows_ok(x: torch.Tensor) -> bool:
+        return x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight * rms_norm(x + delta), x + delta), rounded as torch's ops round them;
+        delta None: (weight * rms_norm(x), x)."""
+        rows, n = x.shape
+        out = torch.empty(rows, n, dtype=x.dtype)
+        total = x if delta is None else torch.empty(rows, n, dtype=x.dtype)
+        self._add_rms_norm(x.data_ptr(), x.stride(0),
+                           None if delta is None else delta.data_ptr(),
+                           0 if delta is None else delta.stride(0), weight.data_ptr(), rows, n,
+                           eps, total.data_ptr(), out.data_ptr())
+        return out, total
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [rows, 2n] (gate | up) -> silu(gate) * up, [rows, n]."""
+        rows, n = x.shape[0], x.shape[1] // 2
+        out = torch.empty(rows, n, dtype=x.dtype)
+        self._silu_and_mul(x.data_ptr(), x.stride(0), rows, n, out.data_ptr())
+        return out
+
+    def rotate_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding in place: x [tokens, heads, d], heads d apart and a unit last
+        stride; cos, sin [tokens, 1, d] contiguous. -> x."""
+        t, heads, d = x.shape
+        self._rotate(x.data_ptr(), t, x.stride(0), heads, d, cos.data_ptr(), sin.data_ptr())
+        return x
 
     @staticmethod
     def decode_ranges(lens: np.ndarray, sliding_window: int | None) -> DecodeRanges:
@@ -173,23 +224,29 @@ def load() -> CpuKernels | None:
     """The process's kernels, built or taken from the cache; None where none can be had."""
     reason = _why_unavailable()
     if reason is not None:
-        logger.info("CPU decode-attention kernel not used: %s; decode attention stays on "
-                    "torch ops", reason)
+        logger.info("CPU kernels not used: %s; decode attention, norms and activations "
+                    "stay on torch ops", reason)
         return None
     try:
         return CpuKernels(build())
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        logger.warning("CPU decode-attention kernel not built, decode attention stays on torch "
-                       "ops (slower): %s. Set FLEETLLM_CPU_KERNELS=0 to skip the build.", e)
+        logger.warning("CPU kernels not built, decode attention, norms and activations stay "
+                       "on torch ops (slower): %s. Set FLEETLLM_CPU_KERNELS=0 to skip the "
+                       "build.", e)
         return None
+
+
+def kernels_for(device: torch.device, dtype: torch.dtype) -> CpuKernels | None:
+    """The kernels when they apply to this model: bf16 on CPU. Other dtypes keep torch's ops
+    (float32 stays bit-identical to transformers)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    return load()
 
 
 def decode_kernels_for(device: torch.device, dtype: torch.dtype, head_dim: int,
                        ) -> CpuKernels | None:
-    """The kernels when they apply to this model: bf16 on CPU, head_dim a multiple of 16 up
-    to 128. Other dtypes keep torch's path (float32 stays bit-identical to transformers)."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return None
+    """The kernels when decode attention applies too: head_dim a multiple of 16 up to 128."""
     if head_dim % 16 or head_dim // 16 not in _HEAD_DIM_BLOCKS:
         return None
-    return load()
+    return kernels_for(device, dtype)

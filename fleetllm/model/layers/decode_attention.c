@@ -3,43 +3,7 @@
  * Scores, softmax and the weighted sum are float32; q, K, V and the output bf16. Built by
  * fleetllm/model/layers/cpu_kernels.py with the host's cc (-O3 -march=native -fopenmp) and
  * called through ctypes; the OpenMP runtime is the one torch has loaded (libgomp.so.1). */
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <math.h>
-#include <string.h>
-
-typedef uint16_t bf16;
-
-static inline __m512 load16(const bf16 *p) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-static inline bf16 to_bf16(float f) { /* round to nearest even, NaN kept quiet */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
-
-/* exp(x) for x <= 0, Cephes' polynomial on [-ln2/2, ln2/2] and scalef for 2^n (~1 ulp). */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-}
+#include "kernels.h"
 
 /* Sums each of four vectors: lane i of the result's low 128 bits is the sum of vector i. */
 static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {

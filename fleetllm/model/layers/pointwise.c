@@ -1,0 +1,100 @@
+/* The small per-layer ops of a bf16 decoder, fused: residual add + RMSNorm, SiLU-and-mul and
+ * rotary embedding, each one pass over its rows instead of 4-12 torch ops. Every bf16
+ * intermediate that torch's own ops round to is rounded here too, in the same order, so the
+ * results match torch's except where a float32 sum (RMSNorm's mean) or exp (SiLU) lands on
+ * the other side of a bf16 rounding boundary. Rows are spread over OpenMP threads only when
+ * there is enough work to pay for it. */
+#include "kernels.h"
+
+#define FL_PAR_MIN 32768 /* elements; below this the calling thread does it all */
+
+/* out = bf16(bf16(s * r) * w) with r = 1 / sqrt(mean(s^2) + eps), as
+ * w * F.rms_norm(s) rounds. */
+static void norm_row(const bf16 *s, const bf16 *w, int64_t n, float eps, bf16 *out) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = load16(s + i);
+        acc = _mm512_fmadd_ps(v, v, acc); /* a bf16 square is exact in float32 */
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) ss += from_bf16(s[i]) * from_bf16(s[i]);
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    __m512 vr = _mm512_set1_ps(r);
+    for (i = 0; i + 16 <= n; i += 16)
+        store16(out + i, _mm512_mul_ps(round16(_mm512_mul_ps(load16(s + i), vr)), load16(w + i)));
+    for (; i < n; i++) out[i] = to_bf16(round1(from_bf16(s[i]) * r) * from_bf16(w[i]));
+}
+
+/* rows of n: sum = bf16(x + delta) (skipped when delta is NULL: the rows of x are normed),
+ * out = RMSNorm(sum) * w. x and delta rows at the given strides; sum and out contiguous. */
+void fl_add_rms_norm(const bf16 *x, int64_t x_stride, const bf16 *delta, int64_t delta_stride,
+                     const bf16 *w, int64_t rows, int64_t n, float eps, bf16 *sum, bf16 *out) {
+#pragma omp parallel for if (rows * n >= FL_PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *xr = x + r * x_stride, *s = xr;
+        if (delta != NULL) {
+            const bf16 *dr = delta + r * delta_stride;
+            bf16 *sr = sum + r * n;
+            int64_t i = 0;
+            for (; i + 16 <= n; i += 16)
+                store16(sr + i, _mm512_add_ps(load16(xr + i), load16(dr + i)));
+            for (; i < n; i++) sr[i] = to_bf16(from_bf16(xr[i]) + from_bf16(dr[i]));
+            s = sr;
+        }
+        norm_row(s, w, n, eps, out + r * n);
+    }
+}
+
+/* x: rows of [gate (n) | up (n)] at x_stride; out = bf16(bf16(silu(gate)) * up), [rows, n],
+ * silu(g) = g / (1 + exp(-g)) in float32 as torch computes it. */
+void fl_silu_and_mul(const bf16 *x, int64_t x_stride, int64_t rows, int64_t n, bf16 *out) {
+#pragma omp parallel for if (rows * n >= FL_PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *g = x + r * x_stride, *u = g + n;
+        bf16 *o = out + r * n;
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m512 v = load16(g + i);
+            __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), v);
+            /* exp16 saturates at exp(88); torch's exp overflows to inf, so silu(-100) is -0 */
+            __m512 e = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(neg, _mm512_set1_ps(88.7228f),
+                                                               _CMP_GT_OQ),
+                                            exp16(neg), _mm512_set1_ps(INFINITY));
+            __m512 silu = round16(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+            store16(o + i, _mm512_mul_ps(silu, load16(u + i)));
+        }
+        for (; i < n; i++) {
+            float v = from_bf16(g[i]);
+            o[i] = to_bf16(round1(v / (1.0f + expf(-v))) * from_bf16(u[i]));
+        }
+    }
+}
+
+/* In place, each head of each token: x = bf16(bf16(x * cos) + bf16(roll(x, d/2) * sin)), the
+ * rotate-half form with the sign in sin (rotary.py). x: [tokens, heads, d] with rows at
+ * row_stride and heads d apart; cos, sin: [tokens, d], contiguous. d even, at most 512. */
+void fl_rotate(bf16 *x, int64_t tokens, int64_t row_stride, int64_t heads, int64_t d,
+               const bf16 *cos, const bf16 *sin) {
+    int64_t half = d / 2;
+#pragma omp parallel for if (tokens * heads * d >= FL_PAR_MIN) schedule(static)
+    for (int64_t th = 0; th < tokens * heads; th++) {
+        int64_t t = th / heads;
+        bf16 *p = x + t * row_stride + (th % heads) * d, buf[512];
+        const bf16 *c = cos + t * d, *s = sin + t * d;
+        memcpy(buf, p, sizeof(bf16) * d);
+        if (half % 16 == 0) {
+            for (int64_t i = 0; i < d; i += 16) {
+                __m512 a = round16(_mm512_mul_ps(load16(buf + i), load16(c + i)));
+                __m512 b = round16(_mm512_mul_ps(load16(buf + (i + half) % d), load16(s + i)));
+                store16(p + i, _mm512_add_ps(a, b));
+            }
+        } else {
+            for (int64_t i = 0; i < d; i++) {
+                float a = round1(from_bf16(buf[i]) * from_bf16(c[i]));
+                float b = round1(from_bf16(buf[(i + half) % d]) * from_bf16(s[i]));
+                p[i] = to_bf16(a + b);
+            }
+        }
+    }
+}
