@@ -1,6 +1,8 @@
-"""The native CPU decode-attention kernel: exact to float32 against a float64 reference, on
-every shape it accepts; built once and cached; sharing torch's OpenMP runtime; and a missing
-compiler or FLEETLLM_CPU_KERNELS=0 leaves the torch path in place."""
+"""The native CPU kernels. Decode attention: exact to float32 against a float64 reference, on
+every shape it accepts. The fused residual add + RMSNorm, SiLU-and-mul and rotary embedding:
+rounded as torch's own ops round, bit for bit but for a rare last-bit flip of RMSNorm's float32
+sum. Built once and cached; sharing torch's OpenMP runtime; and a missing compiler or
+FLEETLLM_CPU_KERNELS=0 leaves the torch path in place."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import pytest
 import torch
 
 from fleetllm.model.layers import cpu_kernels
-from fleetllm.model.layers.cpu_kernels import CpuKernels, decode_kernels_for
+from fleetllm.model.layers.cpu_kernels import CpuKernels, decode_kernels_for, kernels_for
+from fleetllm.model.layers.norm import RMSNorm
+from fleetllm.model.layers.rotary import RotaryEmbedding
 
 HAS_AVX512 = platform.machine() in ("x86_64", "AMD64") and "avx512f" in cpu_kernels._cpu_flags()
 needs_kernel = pytest.mark.skipif(not HAS_AVX512, reason="the kernel needs x86-64 with AVX-512")
@@ -78,6 +82,107 @@ def test_decode_attention_is_float32_exact(kernels, b, kvh, g, d, cap, window, s
     assert (err <= want.abs() * 2.0**-8 + 1e-6).all(), err.max()
 
 
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 steps apart same-signed values are."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+def rows_of(t: torch.Tensor, n: int, strided: bool) -> torch.Tensor:
+    """t's rows of n, either contiguous or every other block of a wider tensor."""
+    if not strided:
+        return t
+    wide = torch.zeros(t.shape[0], 2 * n + 16, dtype=t.dtype)
+    wide[:, 16:16 + n] = t
+    return wide[:, 16:16 + n]
+
+
+# rows x n: batch 1, a decode batch, odd sizes (scalar tails), and enough to go parallel.
+NORM_SHAPES = [(1, 576), (64, 576), (7, 40), (3, 17), (300, 896), (2048, 256)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,n", NORM_SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_rounds_as_torch_does(kernels, rows, n, strided, with_delta):
+    torch.manual_seed(rows * n)
+    x = rows_of((torch.randn(rows, n) * torch.rand(rows, 1) * 8).to(torch.bfloat16), n, strided)
+    delta = rows_of(torch.randn(rows, n, dtype=torch.bfloat16), n, strided) if with_delta else None
+    norm = RMSNorm(n, 1e-6).to(torch.bfloat16)
+    norm.weight.data = torch.randn(n, dtype=torch.bfloat16)
+    want, want_sum = norm.add_forward(x, delta)  # torch's ops: no kernels attached
+    norm.kernels = kernels
+    got, got_sum = norm.add_forward(x, delta)
+    assert torch.equal(got_sum, want_sum)  # the residual add is exact
+    assert got.is_contiguous() and got.shape == want.shape
+    # Only a float32 sum in another order can differ: ~1e-5 of the elements, by one bf16
+    # step of the normed value, which the weight's product can make two.
+    assert (got != want).float().mean().item() <= 1e-3
+    assert ulps_apart(got, want).max().item() <= 2
+    assert torch.equal(norm(got_sum), got)  # forward() is the same kernel, without the add
+
+
+@needs_kernel
+def test_rms_norm_differs_from_torch_rarely_and_by_two_steps_at_most(kernels):
+    torch.manual_seed(0)
+    x = (torch.randn(4000, 576) * torch.rand(4000, 1) * 10).to(torch.bfloat16)
+    w = torch.randn(576, dtype=torch.bfloat16)
+    got, _ = kernels.add_rms_norm(x, None, w, 1e-5)
+    want = w * torch.nn.functional.rms_norm(x, (576,), eps=1e-5)
+    assert (got != want).float().mean().item() < 1e-4  # 2.3M elements; ~1e-5 measured
+    assert ulps_apart(got, want).max().item() <= 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,n", [(1, 1536), (64, 1536), (5, 24), (3, 17), (256, 4864)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_silu_and_mul_rounds_as_torch_does(kernels, rows, n, strided):
+    torch.manual_seed(n)
+    gate_up = rows_of((torch.randn(rows, 2 * n) * 6).to(torch.bfloat16), 2 * n, strided)
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamps, signed zeros
+    gate, up = gate_up.split(n, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = kernels.silu_and_mul(gate_up)
+    assert got.is_contiguous()
+    assert (got != want).float().mean().item() <= 1e-4  # none seen in 35M elements
+    assert ulps_apart(got, want).max().item() <= 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("d,heads,tokens", [(64, 12, 1), (64, 12, 300), (32, 12, 5),
+                                            (128, 4, 3), (40, 3, 4), (16, 2, 9)])
+def test_rotary_in_place_is_bit_identical_to_torch(kernels, d, heads, tokens):
+    torch.manual_seed(d * heads + tokens)
+    rotary = RotaryEmbedding(d, 2048, 10000.0, None, torch.bfloat16)
+    rope = rotary.cos_sin(torch.randint(0, 2048, (tokens,)))
+    # q and k heads rotated inside a wider qkv row, as the model does, v left alone
+    qkv = torch.randn(tokens, (heads + 2) * d, dtype=torch.bfloat16)
+    before = qkv.clone()
+    x = qkv[:, : heads * d].view(tokens, heads, d)
+    want = rotary.rotate(rope, x)
+    rotary.kernels = kernels
+    got = rotary.rotate(rope, x)
+    assert got.data_ptr() == qkv.data_ptr()  # in place
+    assert torch.equal(got, want)
+    assert torch.equal(qkv[:, heads * d:], before[:, heads * d:])
+
+
+@needs_kernel
+def test_layouts_the_kernels_do_not_take_keep_torchs_ops(kernels):
+    norm = RMSNorm(8, 1e-6).to(torch.bfloat16)
+    norm.kernels = kernels
+    x = torch.randn(8, 3, dtype=torch.bfloat16).t()  # last stride 3: torch's ops
+    assert not kernels.rows_ok(x)
+    assert torch.equal(norm(x), torch.nn.functional.rms_norm(x, (8,), eps=1e-6) * norm.weight)
+    rotary = RotaryEmbedding(8, 16, 10000.0, None, torch.bfloat16)
+    rotary.kernels = kernels
+    y = torch.randn(2, 8, 3, dtype=torch.bfloat16).transpose(1, 2)  # heads not d apart
+    rope = rotary.cos_sin(torch.tensor([1, 2]))
+    before = y.clone()
+    out = rotary.rotate(rope, y)
+    assert out.data_ptr() != y.data_ptr() and torch.equal(y, before)
+
+
 @needs_kernel
 def test_the_kernel_serves_a_bf16_engine_as_closely_as_the_torch_path(monkeypatch):
     from fleetllm import LLM, SamplingParams
@@ -94,6 +199,8 @@ def test_the_kernel_serves_a_bf16_engine_as_closely_as_the_torch_path(monkeypatc
         try:
             runner = llm.engine_core.executor.driver_worker.worker.model_runner
             assert (runner.cpu_kernels is not None) == (name == "kernel")
+            fused = [m.kernels is not None for m in runner.model.modules() if hasattr(m, "kernels")]
+            assert len(fused) == 6 * 3 + 2 and set(fused) == {name == "kernel"}
             outs = llm.generate(prompts, params, use_tqdm=False)
             assert runner.staging is not None
             assert (runner.staging.ranges is not None) == (name == "kernel")
@@ -159,6 +266,9 @@ def test_unavailable_kernels_say_why(fresh_load, monkeypatch, caplog, env, reaso
 def test_only_bf16_cpu_models_with_a_supported_head_dim_use_it(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "load", lambda: "kernels")
     cpu = torch.device("cpu")
+    assert kernels_for(cpu, torch.bfloat16) == "kernels"  # the pointwise kernels: any head_dim
+    assert kernels_for(cpu, torch.float32) is None
+    assert kernels_for(torch.device("meta"), torch.bfloat16) is None
     assert decode_kernels_for(cpu, torch.bfloat16, 64) == "kernels"
     assert decode_kernels_for(cpu, torch.float32, 64) is None  # stays bit-identical to HF
     assert decode_kernels_for(cpu, torch.bfloat16, 80) is None

@@ -13,6 +13,7 @@ from fleetllm.config import ModelConfig
 from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.errors import ModelLoadError
 from fleetllm.model.layers.attention import AttentionMetadata, TorchAttentionBackend
+from fleetllm.model.layers.cpu_kernels import CpuKernels
 from fleetllm.model.layers.linear import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -69,9 +70,13 @@ class MLP(nn.Module):
                                                  dtype, pc)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, pc)
         self.local = inter // pc.tp_size
+        self.kernels: CpuKernels | None = None  # the native SiLU-and-mul, set by the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.local, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None and self.kernels.rows_ok(gate_up):
+            return self.down_proj(self.kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.local, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -84,10 +89,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, rope: Rope, h: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, rope: Rope, h: torch.Tensor, delta: torch.Tensor | None,
+                kv_cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the residual stream, and delta: the previous layer's output not yet added to
+        it (None at the first layer) -> (the stream, this layer's output). Each add happens
+        inside the norm that follows it, one call with the CPU kernels; the sums are the
+        same bf16 additions in the same order either way."""
+        x, h = self.input_layernorm.add_forward(h, delta)
+        x, h = self.post_attention_layernorm.add_forward(h, self.self_attn(rope, x, kv_cache,
+                                                                           meta))
+        return h, self.mlp(x)
 
 
 # checkpoint name piece -> (our parameter name piece, shard index)
@@ -125,9 +136,19 @@ class LlamaForCausalLM(nn.Module):
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids) if hidden is None else hidden
         rope = self.rotary.cos_sin(positions)
+        delta = None
         for i, layer in self.layers.items():
-            h = layer(rope, h, kv_caches[int(i)], meta)
-        return self.norm(h) if self.pc.is_last_pp_rank else h
+            h, delta = layer(rope, h, delta, kv_caches[int(i)], meta)
+        if self.pc.is_last_pp_rank:
+            return self.norm.add_forward(h, delta)[0]
+        return h if delta is None else h + delta
+
+    def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
+        """Routes the norms, the SiLU-and-mul and the rotary embedding through the native CPU
+        kernels (bf16 on CPU; None: torch's ops)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, MLP, RotaryEmbedding)):
+                module.kernels = kernels
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

@@ -17,7 +17,7 @@ from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.lora.manager import LoRAManager
 from fleetllm.lora.request import LoRARequest
 from fleetllm.model.layers.attention import AttentionMetadata, DecodeStaging, PrefillMetadata
-from fleetllm.model.layers.cpu_kernels import CpuKernels, decode_kernels_for
+from fleetllm.model.layers.cpu_kernels import CpuKernels, decode_kernels_for, kernels_for
 from fleetllm.model.layers.linear import pack_linear_weights
 from fleetllm.model.layers.sampler import (
     LogitsAdjustment,
@@ -99,6 +99,9 @@ class ModelRunner:
         packed = pack_linear_weights(self.model)
         if packed:
             logger.debug("packed %d linear weights into oneDNN's layout", packed)
+        # The fused norms, SiLU-and-mul and rotary embedding apply to any bf16 model on CPU;
+        # decode attention also needs a head_dim it has loops for.
+        self.model.use_cpu_kernels(kernels_for(self.device, self.dtype))
         self.cpu_kernels = decode_kernels_for(self.device, self.dtype,
                                               self.config.model_config.head_dim)
 

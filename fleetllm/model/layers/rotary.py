@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fleetllm.model.layers.cpu_kernels import CpuKernels
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -36,7 +39,8 @@ class RotaryEmbedding(nn.Module):
     """x * cos + rotate_half(x) * sin, as transformers computes it, in fewer ops: the sign of
     rotate_half lives in a signed sin table (-sin on the first half), so rotate_half(x) * sin
     is x.roll(half) * signed_sin, which rounds identically. The tables are gathered once per
-    forward (cos_sin) and shared by every layer."""
+    forward (cos_sin) and shared by every layer. With the native CPU kernels (`kernels`, set by
+    the model) the rotation is one call, in place, rounded at the same points."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None, dtype: torch.dtype) -> None:
@@ -45,6 +49,7 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.half = head_dim // 2
+        self.kernels: CpuKernels | None = None
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("signed_sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1
                                                      ).to(dtype), persistent=False)
@@ -54,6 +59,11 @@ class RotaryEmbedding(nn.Module):
                 self.signed_sin.index_select(0, positions).unsqueeze(1))
 
     def rotate(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim] (q and k heads together, or either) -> rotated copy."""
+        """x: [T, heads, head_dim] (q and k heads together, or either) -> rotated. x may be
+        rotated in place (the kernel does): pass a tensor nothing else reads afterwards."""
         cos, sin = rope
+        k = self.kernels
+        if (k is not None and x.dtype == torch.bfloat16 and x.stride(2) == 1
+                and x.stride(1) == x.shape[2] and x.shape[2] <= 512 and cos.is_contiguous()):
+            return k.rotate_(x, cos, sin)
         return x * cos + x.roll(self.half, -1) * sin
