@@ -168,6 +168,52 @@ def test_rotary_in_place_is_bit_identical_to_torch(kernels, d, heads, tokens):
 
 
 @needs_kernel
+@pytest.mark.parametrize("tokens,staged,kvh,d", [(1, 1, 3, 64), (9, 4, 3, 64), (300, 0, 2, 64),
+                                                (5, 5, 4, 32), (40, 8, 1, 128)])
+def test_kv_store_writes_what_index_copy_writes(kernels, tokens, staged, kvh, d):
+    torch.manual_seed(tokens * kvh + d)
+    heads, slots_total, cap = 2 * kvh, 512, 24
+    qkv = torch.randn(tokens, (heads + 2 * kvh) * d, dtype=torch.bfloat16)
+    k = qkv[:, heads * d:(heads + kvh) * d].view(tokens, kvh, d)
+    v = qkv[:, (heads + kvh) * d:].view(tokens, kvh, d)
+    slots = torch.randperm(slots_total)[:tokens]
+    rows = (torch.arange(staged * kvh) * cap + torch.randint(0, cap, (staged * kvh,)))
+    caches = [torch.randn(slots_total // 16, 16, kvh, d, dtype=torch.bfloat16) for _ in range(4)]
+    stages = [torch.randn(staged, kvh, cap, d, dtype=torch.bfloat16) for _ in range(4)]
+    want_k, want_v, got_k, got_v = caches
+    want_ks, want_vs = stages[0], stages[1]
+    got_ks, got_vs = stages[2].copy_(want_ks), stages[3].copy_(want_vs)
+    got_k.copy_(want_k), got_v.copy_(want_v)
+    for cache, new in ((want_k, k), (want_v, v)):
+        cache.view(-1, kvh, d).index_copy_(0, slots, new)
+    for buf, new in ((want_ks, k), (want_vs, v)):
+        buf.view(-1, d).index_copy_(0, rows, new[:staged].reshape(-1, d))
+    assert kernels.kv_ok(k, v, got_k, got_v)
+    kernels.store_kv(k, v, slots, got_k, got_v, (got_ks, got_vs) if staged else None,
+                     rows if staged else None)
+    for got, want in ((got_k, want_k), (got_v, want_v), (got_ks, want_ks), (got_vs, want_vs)):
+        assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_kv_store_refuses_an_index_outside_the_cache_and_writes_nothing(kernels):
+    k = v = torch.randn(3, 2, 32, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 16, 2, 32, dtype=torch.bfloat16)
+    stage = torch.zeros(2, 2, 8, 32, dtype=torch.bfloat16)
+    with pytest.raises(IndexError, match="slot 64 of token 2 is outside the cache"):
+        kernels.store_kv(k, v, torch.tensor([0, 1, 64]), cache, cache.clone())
+    with pytest.raises(IndexError, match="staging row 32 is outside the staging copy"):
+        kernels.store_kv(k, v, torch.tensor([0, 1, 2]), cache, cache.clone(), (stage, stage),
+                         torch.tensor([0, 8, 32, 1]))
+    with pytest.raises(TypeError, match="slots must be contiguous int64"):
+        kernels.store_kv(k, v, torch.tensor([0, 1, 2], dtype=torch.int32), cache, cache.clone())
+    assert not cache.any() and not stage.any()
+    assert not kernels.kv_ok(k.transpose(0, 1), v.transpose(0, 1), cache, cache)  # heads apart
+    assert not kernels.kv_ok(k.float(), v.float(), cache, cache)
+    assert not kernels.kv_ok(k, v, cache, cache[:2])
+
+
+@needs_kernel
 def test_layouts_the_kernels_do_not_take_keep_torchs_ops(kernels):
     norm = RMSNorm(8, 1e-6).to(torch.bfloat16)
     norm.kernels = kernels
@@ -201,6 +247,9 @@ def test_the_kernel_serves_a_bf16_engine_as_closely_as_the_torch_path(monkeypatc
             assert (runner.cpu_kernels is not None) == (name == "kernel")
             fused = [m.kernels is not None for m in runner.model.modules() if hasattr(m, "kernels")]
             assert len(fused) == 6 * 3 + 2 and set(fused) == {name == "kernel"}
+            stores = [m.attn.kernels is not None for m in runner.model.modules()
+                      if hasattr(m, "attn")]
+            assert len(stores) == 6 and set(stores) == {name == "kernel"}
             outs = llm.generate(prompts, params, use_tqdm=False)
             assert runner.staging is not None
             assert (runner.staging.ranges is not None) == (name == "kernel")

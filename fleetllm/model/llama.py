@@ -144,11 +144,13 @@ class LlamaForCausalLM(nn.Module):
         return h if delta is None else h + delta
 
     def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
-        """Routes the norms, the SiLU-and-mul and the rotary embedding through the native CPU
-        kernels (bf16 on CPU; None: torch's ops)."""
+        """Routes the norms, the SiLU-and-mul, the rotary embedding and the K/V writes through
+        the native CPU kernels (bf16 on CPU; None: torch's ops)."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, MLP, RotaryEmbedding)):
                 module.kernels = kernels
+            elif isinstance(module, Attention):
+                module.attn.kernels = kernels
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

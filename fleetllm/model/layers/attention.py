@@ -97,6 +97,7 @@ class TorchAttentionBackend:
         self.group = num_heads // num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.kernels: CpuKernels | None = None  # the native K/V store, set by the model
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -105,14 +106,25 @@ class TorchAttentionBackend:
         nb, bs, kvh, d = k_cache.shape
         if meta.kv_connector is not None:
             meta.kv_connector.wait_for_layer_load(self.layer)
-        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+        nd = meta.num_decodes
+        st = meta.staging
+        # An unchanged decode batch appends this step's K/V to its staging copy too (a rebuilt
+        # copy is gathered from the cache after this write).
+        stage = st.buffers[self.layer] if nd and st is not None and not st.rebuild else None
+        if self.kernels is not None and self.kernels.kv_ok(k, v, k_cache, v_cache):
+            self.kernels.store_kv(k, v, meta.slot_mapping, k_cache, v_cache, stage,
+                                  st.write_index if stage is not None else None)
+        else:
+            k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+            if stage is not None:
+                for buf, new in zip(stage, (k[:nd], v[:nd])):
+                    buf.view(-1, d).index_copy_(0, st.write_index, new.reshape(nd * kvh, d))
         if meta.kv_connector is not None:
             meta.kv_connector.save_kv_layer(self.layer, kv_cache)
         parts = []
-        nd = meta.num_decodes
         if nd and meta.staging is not None:
-            parts.append(self._decode_staged(q[:nd], k[:nd], v[:nd], k_cache, v_cache, meta))
+            parts.append(self._decode_staged(q[:nd], k_cache, v_cache, meta))
         elif nd:
             parts.append(self._decode(q[:nd], k_cache, v_cache, meta))
         if meta.prefill is not None:
@@ -135,8 +147,7 @@ class TorchAttentionBackend:
             torch.bmm(scores.softmax(dim=-1).to(q.dtype), values, out=out[:, h])
         return out.view(b, -1)
 
-    def _decode_staged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def _decode_staged(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        meta: AttentionMetadata) -> torch.Tensor:
         st = meta.staging
         b, kvh, g, d = q.shape[0], self.num_kv_heads, self.group, self.head_dim
@@ -149,10 +160,8 @@ class TorchAttentionBackend:
                 buf[:, :, :gathered] = _gather(cache, meta.decode_block_table)
                 buf[:, :, gathered:] = 0  # masked, but must be finite: 0 * NaN is NaN
             st.buffers[self.layer] = (keys, values)
-        else:
+        else:  # this step's token was appended in forward
             keys, values = st.buffers[self.layer]
-            keys.view(-1, d).index_copy_(0, st.write_index, k.reshape(b * kvh, d))
-            values.view(-1, d).index_copy_(0, st.write_index, v.reshape(b * kvh, d))
         if st.ranges is not None:  # one pass over K and V, float32 inside
             return st.kernels.decode_attention(q, keys, values, st.ranges, self.scale)
         if b * cap <= SDPA_DECODE_MAX_KEYS and meta.decode_mask is not None:

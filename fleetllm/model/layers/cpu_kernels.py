@@ -3,8 +3,9 @@
 - decode_attention.c: torch has no fused decode attention on CPU. Its SDPA with one query row,
   or two bmm calls around a softmax, read the staged K/V at a half to a third of the memory
   bandwidth (docs/performance.md); the kernel reads K and V once, in float32.
-- pointwise.c: residual add + RMSNorm, SiLU-and-mul and rotary embedding, one call each
-  where torch takes 4-12 small ops (~10 us per norm at batch 1, most of it dispatch).
+- pointwise.c: residual add + RMSNorm, SiLU-and-mul, rotary embedding and the K/V cache (and
+  staging) writes, one call each where torch takes 4-12 small ops (~10 us per norm at batch 1,
+  most of it dispatch).
 
 Plain C with AVX-512 intrinsics and no torch headers, so a build takes about a second. It is
 compiled with -march=native for the machine at hand and cached under $FLEETLLM_CACHE_DIR
@@ -151,6 +152,10 @@ class CpuKernels:
         self._rotate = self._lib.fl_rotate
         self._rotate.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR]
         self._rotate.restype = None
+        self._store_kv = self._lib.fl_store_kv
+        self._store_kv.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR,
+                                   _I64, _PTR, _I64, _PTR, _PTR]
+        self._store_kv.restype = _I64
 
     # The pointwise kernels take bf16 rows with a unit last stride (any row stride) and
     # return fresh contiguous tensors; callers check `rows_ok` and keep torch's ops otherwise.
@@ -184,6 +189,45 @@ class CpuKernels:
         t, heads, d = x.shape
         self._rotate(x.data_ptr(), t, x.stride(0), heads, d, cos.data_ptr(), sin.data_ptr())
         return x
+
+    @staticmethod
+    def kv_ok(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor) -> bool:
+        """k, v [tokens, kv_heads, d] bf16 with each token's heads contiguous, tokens equally
+        far apart in both; both caches contiguous and of one shape."""
+        d = k.shape[-1]
+        return (k.dtype == v.dtype == k_cache.dtype == torch.bfloat16
+                and k.stride()[1:] == v.stride()[1:] == (d, 1) and k.stride(0) == v.stride(0)
+                and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and k_cache.shape == v_cache.shape)
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 stage: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 stage_rows: torch.Tensor | None = None) -> None:
+        """Each token's K/V to its cache slot (slots: int64 [tokens]); with `stage`, the first
+        len(stage_rows) / kv_heads tokens' heads also to the staging rows (rows of d) of the
+        staging (keys, values). Every index is checked before anything is written."""
+        tokens, kvh, d = k.shape
+        # Only the index types are checked here (kv_ok checks the rest): the kernel checks
+        # every index against the buffers' sizes before it writes.
+        if slots.dtype != torch.int64 or len(slots) != tokens or slots.stride(0) != 1:
+            raise TypeError("KV store: slots must be contiguous int64, one per token")
+        if stage is None:
+            staged, rows, ks, vs, num_rows = 0, None, None, None, 0
+        else:
+            if stage_rows.dtype != torch.int64 or stage_rows.stride(0) != 1:
+                raise TypeError("KV store: staging rows must be contiguous int64")
+            staged, rows = len(stage_rows) // kvh, stage_rows.data_ptr()
+            ks, vs, num_rows = stage[0].data_ptr(), stage[1].data_ptr(), stage[0].numel() // d
+        bad = self._store_kv(k.data_ptr(), v.data_ptr(), k.stride(0), tokens, kvh, d,
+                             slots.data_ptr(), k_cache.numel() // (kvh * d), k_cache.data_ptr(),
+                             v_cache.data_ptr(), staged, rows, num_rows, ks, vs)
+        if bad:
+            which = (f"slot {slots[bad - 1].item()} of token {bad - 1} is outside the cache"
+                     if bad <= tokens else f"staging row {stage_rows[bad - 1 - tokens].item()} "
+                     "is outside the staging copy")
+            raise IndexError(f"KV store: {which}")
 
     @staticmethod
     def decode_ranges(lens: np.ndarray, sliding_window: int | None) -> DecodeRanges:
