@@ -99,7 +99,7 @@ class ModelRunner:
         packed = pack_linear_weights(self.model)
         if packed:
             logger.debug("packed %d linear weights into oneDNN's layout", packed)
-        # The fused norms, SiLU-and-mul and rotary embedding apply to any bf16 model on CPU;
+        # The fused norms, SiLU-and-mul, rotary and K/V writes apply to any bf16 model on CPU;
         # decode attention also needs a head_dim it has loops for.
         self.model.use_cpu_kernels(kernels_for(self.device, self.dtype))
         self.cpu_kernels = decode_kernels_for(self.device, self.dtype,

@@ -183,6 +183,12 @@ class CpuKernels:
         self._silu_and_mul(x.data_ptr(), x.stride(0), rows, n, out.data_ptr())
         return out
 
+    @staticmethod
+    def rotate_ok(x: torch.Tensor, cos: torch.Tensor) -> bool:
+        """x [tokens, heads, d] bf16 with heads d apart (d up to 512), cos contiguous."""
+        return (x.dtype == torch.bfloat16 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+                and x.shape[2] <= 512 and cos.is_contiguous())
+
     def rotate_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding in place: x [tokens, heads, d], heads d apart and a unit last
         stride; cos, sin [tokens, 1, d] contiguous. -> x."""

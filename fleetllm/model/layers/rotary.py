@@ -63,7 +63,6 @@ class RotaryEmbedding(nn.Module):
         rotated in place (the kernel does): pass a tensor nothing else reads afterwards."""
         cos, sin = rope
         k = self.kernels
-        if (k is not None and x.dtype == torch.bfloat16 and x.stride(2) == 1
-                and x.stride(1) == x.shape[2] and x.shape[2] <= 512 and cos.is_contiguous()):
+        if k is not None and k.rotate_ok(x, cos):
             return k.rotate_(x, cos, sin)
         return x * cos + x.roll(self.half, -1) * sin
