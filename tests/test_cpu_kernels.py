@@ -174,7 +174,9 @@ def test_kv_store_writes_what_index_copy_writes(kernels, tokens, staged, kvh, d)
     torch.manual_seed(tokens * kvh + d)
     heads, slots_total, cap = 2 * kvh, 512, 24
     qkv = torch.randn(tokens, (heads + 2 * kvh) * d, dtype=torch.bfloat16)
-    k = qkv[:, heads * d:(heads + kvh) * d].view(tokens, kvh, d)
+    # As the model leaves them: k from the rotated q|k view, v viewed on its own. At one
+    # token the two views' token strides differ ((heads + kvh) * d against kvh * d).
+    k = qkv[:, :(heads + kvh) * d].view(tokens, heads + kvh, d)[:, heads:]
     v = qkv[:, (heads + kvh) * d:].view(tokens, kvh, d)
     slots = torch.randperm(slots_total)[:tokens]
     rows = (torch.arange(staged * kvh) * cap + torch.randint(0, cap, (staged * kvh,)))
@@ -270,6 +272,27 @@ def test_the_kernel_serves_a_bf16_engine_as_closely_as_the_torch_path(monkeypatc
     # The torch path rounds the scores to bf16, the kernel keeps them in float32: it is no
     # further from float32 than the torch path is (bf16's own rounding dominates both).
     assert drift("kernel") <= 1.25 * drift("torch") + 0.01, (drift("kernel"), drift("torch"))
+
+
+@needs_kernel
+def test_a_batch_one_decode_stores_its_kv_with_the_kernel(monkeypatch):
+    """At one token a view's token stride is whatever the view made it, so k and v disagree:
+    the store must still take the kernel, every layer, every step."""
+    from fleetllm import LLM, SamplingParams
+    from fleetllm.default_model import default_model_path
+
+    llm = LLM(str(default_model_path()), dtype="bfloat16", skip_tokenizer_init=True)
+    try:
+        kernels = llm.engine_core.executor.driver_worker.worker.model_runner.cpu_kernels
+        calls: list[int] = []
+        store = kernels.store_kv
+        monkeypatch.setattr(kernels, "store_kv", lambda k, *a: calls.append(len(k)) or store(k, *a))
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                     SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                     use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert calls == [3] * 6 + [1] * 6 * 3  # the prefill, then three decode steps of 6 layers
 
 
 @needs_kernel

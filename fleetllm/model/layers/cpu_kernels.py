@@ -153,8 +153,8 @@ class CpuKernels:
         self._rotate.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR]
         self._rotate.restype = None
         self._store_kv = self._lib.fl_store_kv
-        self._store_kv.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR,
-                                   _I64, _PTR, _I64, _PTR, _PTR]
+        self._store_kv.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR,
+                                   _PTR, _I64, _PTR, _I64, _PTR, _PTR]
         self._store_kv.restype = _I64
 
     # The pointwise kernels take bf16 rows with a unit last stride (any row stride) and
@@ -199,11 +199,12 @@ class CpuKernels:
     @staticmethod
     def kv_ok(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor) -> bool:
-        """k, v [tokens, kv_heads, d] bf16 with each token's heads contiguous, tokens equally
-        far apart in both; both caches contiguous and of one shape."""
+        """k, v [tokens, kv_heads, d] bf16 with each token's heads contiguous (any token
+        stride: at one token, a view's stride(0) is whatever the view made it); both caches
+        contiguous and of one shape."""
         d = k.shape[-1]
         return (k.dtype == v.dtype == k_cache.dtype == torch.bfloat16
-                and k.stride()[1:] == v.stride()[1:] == (d, 1) and k.stride(0) == v.stride(0)
+                and k.stride()[1:] == v.stride()[1:] == (d, 1)
                 and k_cache.is_contiguous() and v_cache.is_contiguous()
                 and k_cache.shape == v_cache.shape)
 
@@ -226,9 +227,10 @@ class CpuKernels:
                 raise TypeError("KV store: staging rows must be contiguous int64")
             staged, rows = len(stage_rows) // kvh, stage_rows.data_ptr()
             ks, vs, num_rows = stage[0].data_ptr(), stage[1].data_ptr(), stage[0].numel() // d
-        bad = self._store_kv(k.data_ptr(), v.data_ptr(), k.stride(0), tokens, kvh, d,
-                             slots.data_ptr(), k_cache.numel() // (kvh * d), k_cache.data_ptr(),
-                             v_cache.data_ptr(), staged, rows, num_rows, ks, vs)
+        bad = self._store_kv(k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), tokens, kvh,
+                             d, slots.data_ptr(), k_cache.numel() // (kvh * d),
+                             k_cache.data_ptr(), v_cache.data_ptr(), staged, rows, num_rows, ks,
+                             vs)
         if bad:
             which = (f"slot {slots[bad - 1].item()} of token {bad - 1} is outside the cache"
                      if bad <= tokens else f"staging row {stage_rows[bad - 1 - tokens].item()} "

@@ -99,13 +99,14 @@ void fl_rotate(bf16 *x, int64_t tokens, int64_t row_stride, int64_t heads, int64
     }
 }
 
-/* Each token's new K and V (row = kv_heads * d values, contiguous; tokens src_stride apart,
- * as the fused qkv projection leaves them) to its cache slot, rows of `row` values; and, for
+/* Each token's new K and V (row = kv_heads * d values, contiguous; tokens k_stride and
+ * v_stride apart, as the fused qkv projection leaves them) to its cache slot, rows of `row` values; and, for
  * the first `staged` tokens (the decodes), each head's d values to its staging row too
  * (stage_rows[token * kv_heads + head], rows of d). One call for the four index_copy_ calls
  * torch needs. Every index is checked first: -> 0, or 1 + the first out-of-range position
  * (slots first, then stage rows), nothing written. */
-int64_t fl_store_kv(const bf16 *k, const bf16 *v, int64_t src_stride, int64_t tokens,
+int64_t fl_store_kv(const bf16 *k, const bf16 *v, int64_t k_stride, int64_t v_stride,
+                    int64_t tokens,
                     int64_t kv_heads, int64_t d, const int64_t *slots, int64_t num_slots,
                     bf16 *k_cache, bf16 *v_cache, int64_t staged, const int64_t *stage_rows,
                     int64_t num_stage_rows, bf16 *k_stage, bf16 *v_stage) {
@@ -116,7 +117,7 @@ int64_t fl_store_kv(const bf16 *k, const bf16 *v, int64_t src_stride, int64_t to
         if (stage_rows[i] < 0 || stage_rows[i] >= num_stage_rows) return tokens + i + 1;
 #pragma omp parallel for if (tokens * row >= FL_PAR_MIN) schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
-        const bf16 *kt = k + t * src_stride, *vt = v + t * src_stride;
+        const bf16 *kt = k + t * k_stride, *vt = v + t * v_stride;
         memcpy(k_cache + slots[t] * row, kt, sizeof(bf16) * row);
         memcpy(v_cache + slots[t] * row, vt, sizeof(bf16) * row);
         if (t < staged)
