@@ -1,7 +1,8 @@
 """The native CPU kernels. Decode attention: exact to float32 against a float64 reference, on
 every shape it accepts. The fused residual add + RMSNorm, SiLU-and-mul and rotary embedding:
 rounded as torch's own ops round, bit for bit but for a rare last-bit flip of RMSNorm's float32
-sum. Built once and cached; sharing torch's OpenMP runtime; and a missing compiler or
+sum. The small-batch linear kernel: within a bf16 step of the exact product, as oneDNN is, on
+both its AVX512-BF16 and its plain AVX-512 builds. Built once and cached; sharing torch's OpenMP runtime; and a missing compiler or
 FLEETLLM_CPU_KERNELS=0 leaves the torch path in place."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from fleetllm.model.layers import cpu_kernels
 from fleetllm.model.layers.cpu_kernels import CpuKernels, decode_kernels_for, kernels_for
+from fleetllm.model.layers.linear import PackedMatmul
 from fleetllm.model.layers.norm import RMSNorm
 from fleetllm.model.layers.rotary import RotaryEmbedding
 
@@ -215,6 +217,64 @@ def test_kv_store_refuses_an_index_outside_the_cache_and_writes_nothing(kernels)
     assert not kernels.kv_ok(k, v, cache, cache[:2])
 
 
+def check_small_linear(kernels: CpuKernels, rows: int, out: int, inp: int, bias: bool,
+                       strided: bool) -> None:
+    torch.manual_seed(rows * out + inp)
+    w = torch.randn(out, inp, dtype=torch.bfloat16)
+    b = torch.randn(out, dtype=torch.bfloat16) if bias else None
+    x = torch.randn(rows, inp + (48 if strided else 0), dtype=torch.bfloat16)[:, :inp]
+    exact = x.double() @ w.double().T + (0 if b is None else b.double())
+    got = kernels.small_linear(x, kernels.block_weight(w), b)
+    onednn = torch.ops.mkldnn._linear_pointwise(
+        x, torch.ops.mkldnn._reorder_linear_weight(w, None), b, "none", [], "")
+    assert got.shape == (rows, out) and got.dtype == torch.bfloat16
+    # Each output is one float32 sum rounded once to bf16: within a bf16 step of the exact
+    # product, plus what a float32 sum of `inp` terms can lose, as oneDNN's is (their float32
+    # sums run in different orders).
+    step = (exact.abs().clamp_min(2 ** -100).log2().floor() - 7).exp2()  # a bf16 step
+    magnitude = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+    bound = step + inp * 2 ** -24 * magnitude
+    for result in (got, onednn):
+        assert ((result.double() - exact).abs() <= bound).all()
+    assert (got != onednn).double().mean() < 0.05
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("out,inp", [(256, 256), (80, 34), (4096, 256), (960, 576),
+                                     (3072, 576)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_is_one_rounding_from_the_exact_product(kernels, rows, out, inp, bias):
+    check_small_linear(kernels, rows, out, inp, bias, strided=rows == 2)
+
+
+@needs_kernel
+def test_small_linear_without_avx512_bf16_gives_the_same_answers(fresh_load, tmp_path,
+                                                                 monkeypatch):
+    """CPUs with AVX-512 but not its bf16 dot products build the widening path."""
+    fallback = CpuKernels(cpu_kernels.build(extra_flags=("-mno-avx512bf16",)))
+    for rows, out, inp, bias in ((1, 256, 256, True), (2, 80, 34, False), (3, 960, 576, True)):
+        check_small_linear(fallback, rows, out, inp, bias, strided=True)
+
+
+@needs_kernel
+def test_small_linear_refuses_what_it_cannot_take(kernels):
+    bf = torch.bfloat16
+    assert kernels.block_weight(torch.randn(64, 32)) is None  # float32 keeps oneDNN / F.linear
+    assert kernels.block_weight(torch.randn(40, 32, dtype=bf)) is None  # out not 16k
+    assert kernels.block_weight(torch.randn(64, 33, dtype=bf)) is None  # in odd
+    big = cpu_kernels.SMALL_LINEAR_MAX_BYTES // 2 // 1024 + 16
+    assert kernels.block_weight(torch.empty(big, 1024, dtype=bf)) is None  # not doubled
+    assert kernels.small_rows_ok(torch.randn(2, 32, dtype=bf))
+    assert not kernels.small_rows_ok(torch.randn(3, 32, dtype=bf))
+    assert not kernels.small_rows_ok(torch.randn(32, 2, dtype=bf).t())
+    blocked = kernels.block_weight(torch.randn(64, 32, dtype=bf))
+    with pytest.raises(ValueError, match="x has 30 features, the weight 32"):
+        kernels.small_linear(torch.randn(1, 30, dtype=bf), blocked)
+    with pytest.raises(TypeError, match="bias must be contiguous bf16"):
+        kernels.small_linear(torch.randn(1, 32, dtype=bf), blocked, torch.randn(64))
+
+
 @needs_kernel
 def test_layouts_the_kernels_do_not_take_keep_torchs_ops(kernels):
     norm = RMSNorm(8, 1e-6).to(torch.bfloat16)
@@ -247,12 +307,20 @@ def test_the_kernel_serves_a_bf16_engine_as_closely_as_the_torch_path(monkeypatc
         try:
             runner = llm.engine_core.executor.driver_worker.worker.model_runner
             assert (runner.cpu_kernels is not None) == (name == "kernel")
-            fused = [m.kernels is not None for m in runner.model.modules() if hasattr(m, "kernels")]
+            fused = [m.kernels is not None for m in runner.model.modules()
+                     if hasattr(m, "kernels") and not isinstance(m, PackedMatmul)]
             assert len(fused) == 6 * 3 + 2 and set(fused) == {name == "kernel"}
             stores = [m.attn.kernels is not None for m in runner.model.modules()
                       if hasattr(m, "attn")]
             assert len(stores) == 6 and set(stores) == {name == "kernel"}
-            outs = llm.generate(prompts, params, use_tqdm=False)
+            # Every linear layer (4 a layer and the 2 MiB head) has its blocked copy.
+            small = [m.blocked is not None for m in runner.model.modules()
+                     if isinstance(m, PackedMatmul)]
+            assert len(small) == 6 * 4 + 1 and set(small) == {name == "kernel"}
+            # Three prompts decode at 3 rows (oneDNN), one and two at 1-2 (the small kernel).
+            outs = [*llm.generate(prompts, params, use_tqdm=False),
+                    *llm.generate(prompts[:1], params, use_tqdm=False),
+                    *llm.generate(prompts[1:], params, use_tqdm=False)]
             assert runner.staging is not None
             assert (runner.staging.ranges is not None) == (name == "kernel")
         finally:

@@ -16,6 +16,7 @@ from fleetllm.model.layers.attention import AttentionMetadata, TorchAttentionBac
 from fleetllm.model.layers.cpu_kernels import CpuKernels
 from fleetllm.model.layers.linear import (
     ColumnParallelLinear,
+    PackedMatmul,
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
@@ -144,11 +145,14 @@ class LlamaForCausalLM(nn.Module):
         return h if delta is None else h + delta
 
     def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
-        """Routes the norms, the SiLU-and-mul, the rotary embedding and the K/V writes through
-        the native CPU kernels (bf16 on CPU; None: torch's ops)."""
+        """Routes the norms, the SiLU-and-mul, the rotary embedding, the K/V writes and the
+        small linear layers' 1-2 row products through the native CPU kernels (bf16 on CPU;
+        None: torch's and oneDNN's ops). Call it after packing the weights."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, MLP, RotaryEmbedding)):
                 module.kernels = kernels
+            elif isinstance(module, PackedMatmul):
+                module.use_small_linear(kernels)
             elif isinstance(module, Attention):
                 module.attn.kernels = kernels
 

@@ -18,7 +18,7 @@ from fleetllm.distributed.parallel_state import ParallelContext, init_distribute
 from fleetllm.errors import ConfigurationError, OutOfMemoryError
 from fleetllm.lora.manager import LoRAManager
 from fleetllm.lora.request import LoRARequest
-from fleetllm.model.layers.linear import drop_packed_weights, weights_as_held
+from fleetllm.model.layers.linear import drop_packed_weights, weight_bytes_held, weights_as_held
 from fleetllm.model.loader import SHARDED_STATE_PATTERN
 from fleetllm.sched.output import (
     DraftTokenIds,
@@ -199,8 +199,7 @@ class Worker(WorkerBase):
 
     def get_memory_usage(self) -> dict[str, Any]:
         runner = self.model_runner
-        weights = sum(t.numel() * t.element_size() for _, t in weights_as_held(runner.model)
-                      ) if runner.model is not None else 0
+        weights = weight_bytes_held(runner.model) if runner.model is not None else 0
         kv = sum(2 * k.numel() * k.element_size() for k, _ in runner.kv_caches.values())
         usage: dict[str, Any] = {
             "rank": self.rank, "device": str(self.device),

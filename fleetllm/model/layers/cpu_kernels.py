@@ -6,6 +6,9 @@
 - pointwise.c: residual add + RMSNorm, SiLU-and-mul, rotary embedding and the K/V cache (and
   staging) writes, one call each where torch takes 4-12 small ops (~10 us per norm at batch 1,
   most of it dispatch).
+- small_linear.c: x @ w.T for 1-2 rows (batch-1 and batch-2 decode) from a blocked copy of a
+  small weight; oneDNN's packed linear costs ~20 us a call at any size, 2-3x this kernel's
+  time on a matrix of up to a few MiB.
 
 Plain C with AVX-512 intrinsics and no torch headers, so a build takes about a second. It is
 compiled with -march=native for the machine at hand and cached under $FLEETLLM_CACHE_DIR
@@ -38,11 +41,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "decode_attention.c", _HERE / "pointwise.c")
+SOURCES = (_HERE / "decode_attention.c", _HERE / "pointwise.c", _HERE / "small_linear.c")
 HEADERS = (_HERE / "kernels.h",)
 # head_dim / 16 values the kernel has register-blocked loops for.
 _HEAD_DIM_BLOCKS = (1, 2, 4, 8)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# The small-batch linear kernel serves up to this many rows (it wins 1.5-3x at 1-2 rows; at 4
+# oneDNN's AMX kernel is level and pulls ahead after) and weights of up to this many bytes,
+# which it keeps a second, blocked copy of (so larger models' weights are not doubled).
+SMALL_LINEAR_ROWS = 2
+SMALL_LINEAR_MAX_BYTES = 4 << 20
 
 
 def cache_dir() -> Path:
@@ -88,11 +96,12 @@ def _why_unavailable() -> str | None:
     return None
 
 
-def build(sources: tuple[Path, ...] = SOURCES, headers: tuple[Path, ...] = HEADERS) -> Path:
+def build(sources: tuple[Path, ...] = SOURCES, headers: tuple[Path, ...] = HEADERS,
+          extra_flags: tuple[str, ...] = ()) -> Path:
     """Compiles `sources` into one library in the cache (once per source text, compiler, flags
-    and CPU) -> the .so."""
+    and CPU) -> the .so. extra_flags: e.g. ("-mno-avx512bf16",) to build a fallback path."""
     cc = os.environ.get("CC") or "cc"
-    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
+    flags = ["-O3", "-march=native", *extra_flags, "-shared", "-fPIC", "-std=gnu11"]
     if _torch_uses_libgomp():
         flags.append("-fopenmp")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30,
@@ -156,6 +165,9 @@ class CpuKernels:
         self._store_kv.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR,
                                    _PTR, _I64, _PTR, _I64, _PTR, _PTR]
         self._store_kv.restype = _I64
+        self._small_linear = self._lib.fl_small_linear
+        self._small_linear.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
+        self._small_linear.restype = None
 
     # The pointwise kernels take bf16 rows with a unit last stride (any row stride) and
     # return fresh contiguous tensors; callers check `rows_ok` and keep torch's ops otherwise.
@@ -236,6 +248,39 @@ class CpuKernels:
                      if bad <= tokens else f"staging row {stage_rows[bad - 1 - tokens].item()} "
                      "is outside the staging copy")
             raise IndexError(f"KV store: {which}")
+
+    @classmethod
+    def small_rows_ok(cls, x: torch.Tensor) -> bool:
+        """x is few enough rows (SMALL_LINEAR_ROWS) for the small-batch linear kernel."""
+        return x.dim() == 2 and x.shape[0] <= SMALL_LINEAR_ROWS and cls.rows_ok(x)
+
+    @staticmethod
+    def block_weight(w: torch.Tensor) -> torch.Tensor | None:
+        """The small-batch linear kernel's copy of a plain [out, in] weight: blocks of 16
+        output rows with the inputs paired, [out / 16, in / 2, 16, 2]. None where the kernel
+        does not take it: not bf16, out not a multiple of 16, in odd, or over
+        SMALL_LINEAR_MAX_BYTES."""
+        if w.dim() != 2 or w.dtype != torch.bfloat16 or w.device.type != "cpu":
+            return None
+        out, inp = w.shape
+        if out == 0 or out % 16 or inp % 2 or w.numel() * 2 > SMALL_LINEAR_MAX_BYTES:
+            return None
+        return w.reshape(out // 16, 16, inp // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+    def small_linear(self, x: torch.Tensor, blocked: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [rows, in] bf16 (rows_ok) @ w.T (+ bias), from block_weight(w) -> [rows, out],
+        each output summed in float32 and rounded once, as oneDNN rounds it."""
+        nb, half, _, _ = blocked.shape
+        rows, inp = x.shape
+        if inp != 2 * half:
+            raise ValueError(f"small linear: x has {inp} features, the weight {2 * half}")
+        if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+            raise TypeError("small linear: the bias must be contiguous bf16")
+        out = torch.empty(rows, nb * 16, dtype=torch.bfloat16)
+        self._small_linear(x.data_ptr(), x.stride(0), rows, blocked.data_ptr(), nb * 16, inp,
+                           None if bias is None else bias.data_ptr(), out.data_ptr())
+        return out
 
     @staticmethod
     def decode_ranges(lens: np.ndarray, sliding_window: int | None) -> DecodeRanges:

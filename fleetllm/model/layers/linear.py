@@ -12,7 +12,7 @@ bit-identical, as the same kernel runs.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch import nn
 
 from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from fleetllm.model.layers.cpu_kernels import CpuKernels
 
 
 def full_shape(loaded: Any) -> tuple[int, ...]:
@@ -67,12 +70,19 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
 class PackedMatmul:
     """x @ weight.T (+ bias) from the plain weight, or from its packed copy once packed, when
-    the plain weight's storage is freed (weight keeps its dtype, with no elements)."""
+    the plain weight's storage is freed (weight keeps its dtype, with no elements). With the
+    native CPU kernels (`use_small_linear`), a small weight also keeps a blocked copy that
+    serves 1-2 rows (batch-1 and batch-2 decode) without oneDNN's per-call cost."""
 
     weight: nn.Parameter
     packed: torch.Tensor | None = None
+    kernels: CpuKernels | None = None
+    blocked: torch.Tensor | None = None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        k = self.kernels
+        if k is not None and k.small_rows_ok(x):
+            return k.small_linear(x, self.blocked, bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return F.linear(x, self.weight, bias)
@@ -88,6 +98,16 @@ class PackedMatmul:
     def dense_weight(self) -> torch.Tensor:
         return self.packed.to_dense() if self.packed is not None else self.weight.data
 
+    def use_small_linear(self, kernels: CpuKernels | None) -> bool:
+        """Serves 1-2 rows with the native kernel from a blocked copy of the weight, where
+        the kernel takes this weight (bf16, up to SMALL_LINEAR_MAX_BYTES); None drops the
+        copy. -> whether the kernel serves this layer now."""
+        self.kernels = self.blocked = None
+        blocked = kernels.block_weight(self.dense_weight()) if kernels is not None else None
+        if blocked is not None:
+            self.kernels, self.blocked = kernels, blocked
+        return blocked is not None
+
 
 def pack_linear_weights(model: nn.Module) -> int:
     """Packs every linear weight of model that oneDNN takes; returns how many it packed.
@@ -96,10 +116,11 @@ def pack_linear_weights(model: nn.Module) -> int:
 
 
 def drop_packed_weights(model: nn.Module) -> None:
-    """Frees the packed copies (sleep level 2: the weights are reloaded on wake-up)."""
+    """Frees the packed and blocked copies (sleep level 2: the weights are reloaded on
+    wake-up)."""
     for m in model.modules():
         if isinstance(m, PackedMatmul):
-            m.packed = None
+            m.packed = m.blocked = m.kernels = None
 
 
 def weights_as_held(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -108,6 +129,14 @@ def weights_as_held(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
               if isinstance(m, PackedMatmul) and m.packed is not None}
     for name, param in model.named_parameters():
         yield name, packed[name].dense_weight() if name in packed else param.data
+
+
+def weight_bytes_held(model: nn.Module) -> int:
+    """The memory the weights take as held: each one once, plus the small-batch kernel's
+    blocked copies."""
+    dense = sum(t.numel() * t.element_size() for _, t in weights_as_held(model))
+    return dense + sum(m.blocked.numel() * m.blocked.element_size() for m in model.modules()
+                       if isinstance(m, PackedMatmul) and m.blocked is not None)
 
 
 class _Linear(PackedMatmul, nn.Module):

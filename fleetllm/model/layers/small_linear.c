@@ -1,0 +1,108 @@
+/* y = x @ w.T (+ bias) for a few rows of x (decode batches), bf16 in and out, float32
+ * accumulation. oneDNN's packed linear costs ~20 us a call whatever the size (primitive
+ * lookup, threading), which is most of a small matrix's time at batch 1; this kernel has no
+ * set-up. The weight is held in blocks of 16 output rows with the inputs paired,
+ * [out / 16][in / 2][16][2], so one 64-byte load holds two inputs for 16 outputs: each load
+ * feeds one multiply-add per input row, and no horizontal sums are needed. Threads split the
+ * output blocks only when the matrix is large enough to pay for waking them. */
+#include "kernels.h"
+
+#define FL_LINEAR_PAR_MIN (1 << 18) /* weight elements (512 KiB); below, one thread */
+#define MAX_NB 8                    /* output blocks of 16 per tile */
+
+/* acc[b][r] += the pair (x[r][2p], x[r][2p + 1]) against block b's pair p. With AVX512-BF16
+ * one instruction multiplies the 32 bf16 pairs exactly and adds them in float32; without it
+ * the even and odd inputs are widened and added one after the other. */
+#ifdef __AVX512BF16__
+static inline __m512 madd_pair(__m512 acc, __m512i w, __m512i x2) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x2);
+}
+#else
+static inline __m512 madd_pair(__m512 acc, __m512i w, __m512i x2) {
+    __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(-65536)));
+    __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(x2, 16));
+    __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(x2, _mm512_set1_epi32(-65536)));
+    return _mm512_fmadd_ps(wo, xo, _mm512_fmadd_ps(we, xe, acc));
+}
+#endif
+
+/* NB blocks of 16 outputs (from wb, each block in * 16 values apart) against NR input rows,
+ * written to y (rows `out` apart) with the bias added. */
+static inline __attribute__((always_inline)) void tile(const bf16 *x, int64_t x_stride,
+                                                       const int nr, const bf16 *wb,
+                                                       const int nb, int64_t in,
+                                                       const bf16 *bias, bf16 *y,
+                                                       int64_t out) {
+    __m512 acc[MAX_NB][4];
+    for (int b = 0; b < nb; b++)
+        for (int r = 0; r < nr; r++) acc[b][r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < in / 2; p++) {
+        __m512i xv[4];
+        for (int r = 0; r < nr; r++) {
+            int32_t pair;
+            memcpy(&pair, x + r * x_stride + 2 * p, 4);
+            xv[r] = _mm512_set1_epi32(pair);
+        }
+        for (int b = 0; b < nb; b++) {
+            __m512i wv = _mm512_loadu_si512(wb + b * in * 16 + p * 32);
+            for (int r = 0; r < nr; r++) acc[b][r] = madd_pair(acc[b][r], wv, xv[r]);
+        }
+    }
+    for (int b = 0; b < nb; b++) {
+        __m512 bv = bias ? load16(bias + b * 16) : _mm512_setzero_ps();
+        for (int r = 0; r < nr; r++) store16(y + r * out + b * 16, _mm512_add_ps(acc[b][r], bv));
+    }
+}
+
+/* Up to 4 rows against nb (1..8) blocks, with tiles the compiler keeps in registers: 8
+ * blocks for 1-2 rows (enough independent sums to hide the multiply-add's latency), 4 for
+ * 3-4 rows. */
+static void rows_by_blocks(const bf16 *x, int64_t x_stride, int nr, const bf16 *wb, int nb,
+                           int64_t in, const bf16 *bias, bf16 *y, int64_t out) {
+#define T(NR, NB) tile(x, x_stride, NR, wb, NB, in, bias, y, out)
+    if (nb == MAX_NB && nr <= 2) {
+        if (nr == 1) T(1, 8); else T(2, 8);
+        return;
+    }
+    for (int b0 = 0; b0 < nb;) {
+        int n = nb - b0 >= 4 ? 4 : 1;
+        const bf16 *w0 = wb + b0 * in * 16, *b = bias ? bias + b0 * 16 : NULL;
+        bf16 *y0 = y + b0 * 16;
+#undef T
+#define T(NR, NB) tile(x, x_stride, NR, w0, NB, in, b, y0, out)
+        if (n == 4) {
+            switch (nr) {
+            case 1: T(1, 4); break;
+            case 2: T(2, 4); break;
+            case 3: T(3, 4); break;
+            default: T(4, 4); break;
+            }
+        } else {
+            switch (nr) {
+            case 1: T(1, 1); break;
+            case 2: T(2, 1); break;
+            case 3: T(3, 1); break;
+            default: T(4, 1); break;
+            }
+        }
+#undef T
+        b0 += n;
+    }
+}
+
+/* x: rows of `in` bf16 values, x_stride apart; w: the blocked weight above (out a multiple
+ * of 16, in of 2); bias: out values or NULL; y: [rows, out] contiguous. */
+void fl_small_linear(const bf16 *x, int64_t x_stride, int64_t rows, const bf16 *w, int64_t out,
+                     int64_t in, const bf16 *bias, bf16 *y) {
+    int64_t blocks = out / 16, groups = (blocks + MAX_NB - 1) / MAX_NB;
+#pragma omp parallel for if (out * in >= FL_LINEAR_PAR_MIN) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t b0 = g * MAX_NB;
+        int nb = blocks - b0 < MAX_NB ? (int)(blocks - b0) : MAX_NB;
+        for (int64_t r0 = 0; r0 < rows; r0 += 4)
+            rows_by_blocks(x + r0 * x_stride, x_stride, rows - r0 < 4 ? (int)(rows - r0) : 4,
+                           w + b0 * in * 16, nb, in, bias ? bias + b0 * 16 : NULL,
+                           y + r0 * out + b0 * 16, out);
+    }
+}
