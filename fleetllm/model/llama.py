@@ -147,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
     def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
         """Routes the norms, the SiLU-and-mul, the rotary embedding, the K/V writes and the
         small linear layers' 1-2 row products through the native CPU kernels (bf16 on CPU;
-        None: torch's and oneDNN's ops). Call it after packing the weights."""
+        None: torch's and oneDNN's ops)."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, MLP, RotaryEmbedding)):
                 module.kernels = kernels

@@ -96,12 +96,13 @@ class ModelRunner:
         self.model = load_model(self.config, self.pc, self.device)
         if self.lora is not None:
             self.lora.attach(self.model)
+        # The fused norms, SiLU-and-mul, rotary, K/V writes and small linear layers apply to
+        # any bf16 model on CPU; decode attention also needs a head_dim it has loops for. Set
+        # before packing, so the small layers' blocked copies come from the plain weights.
+        self.model.use_cpu_kernels(kernels_for(self.device, self.dtype))
         packed = pack_linear_weights(self.model)
         if packed:
             logger.debug("packed %d linear weights into oneDNN's layout", packed)
-        # The fused norms, SiLU-and-mul, rotary and K/V writes apply to any bf16 model on CPU;
-        # decode attention also needs a head_dim it has loops for.
-        self.model.use_cpu_kernels(kernels_for(self.device, self.dtype))
         self.cpu_kernels = decode_kernels_for(self.device, self.dtype,
                                               self.config.model_config.head_dim)
 

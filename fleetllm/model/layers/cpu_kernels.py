@@ -255,16 +255,22 @@ class CpuKernels:
         return x.dim() == 2 and x.shape[0] <= SMALL_LINEAR_ROWS and cls.rows_ok(x)
 
     @staticmethod
-    def block_weight(w: torch.Tensor) -> torch.Tensor | None:
-        """The small-batch linear kernel's copy of a plain [out, in] weight: blocks of 16
-        output rows with the inputs paired, [out / 16, in / 2, 16, 2]. None where the kernel
-        does not take it: not bf16, out not a multiple of 16, in odd, or over
-        SMALL_LINEAR_MAX_BYTES."""
+    def takes_weight(w: torch.Tensor) -> bool:
+        """The small-batch linear kernel takes this [out, in] weight (plain or packed): bf16
+        on CPU, out a multiple of 16, in even, at most SMALL_LINEAR_MAX_BYTES."""
         if w.dim() != 2 or w.dtype != torch.bfloat16 or w.device.type != "cpu":
+            return False
+        out, inp = w.shape
+        return 0 < out and out % 16 == 0 and inp % 2 == 0 and w.numel() * 2 <= SMALL_LINEAR_MAX_BYTES
+
+    @classmethod
+    def block_weight(cls, w: torch.Tensor) -> torch.Tensor | None:
+        """The small-batch linear kernel's copy of a plain [out, in] weight: blocks of 16
+        output rows with the inputs paired, [out / 16, in / 2, 16, 2]; None where the kernel
+        does not take it (takes_weight)."""
+        if not cls.takes_weight(w):
             return None
         out, inp = w.shape
-        if out == 0 or out % 16 or inp % 2 or w.numel() * 2 > SMALL_LINEAR_MAX_BYTES:
-            return None
         return w.reshape(out // 16, 16, inp // 2, 2).permute(0, 2, 1, 3).contiguous()
 
     def small_linear(self, x: torch.Tensor, blocked: torch.Tensor,

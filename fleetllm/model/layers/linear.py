@@ -103,10 +103,12 @@ class PackedMatmul:
         the kernel takes this weight (bf16, up to SMALL_LINEAR_MAX_BYTES); None drops the
         copy. -> whether the kernel serves this layer now."""
         self.kernels = self.blocked = None
-        blocked = kernels.block_weight(self.dense_weight()) if kernels is not None else None
-        if blocked is not None:
-            self.kernels, self.blocked = kernels, blocked
-        return blocked is not None
+        held = self.packed if self.packed is not None else self.weight
+        if kernels is None or not kernels.takes_weight(held):
+            return False
+        # Cheapest from the plain weight: the model turns the kernels on before packing.
+        self.kernels, self.blocked = kernels, kernels.block_weight(self.dense_weight())
+        return True
 
 
 def pack_linear_weights(model: nn.Module) -> int:
