@@ -276,6 +276,28 @@ def test_small_linear_refuses_what_it_cannot_take(kernels):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows,n", [(64, 49152), (1, 49152), (3, 17), (2, 1), (7, 100),
+                                    (2, 151936)])
+def test_argmax_picks_what_torch_picks(kernels, rows, n):
+    torch.manual_seed(rows + n)
+    cases = [torch.randn(rows, n), torch.randint(-3, 3, (rows, n)).float(),  # ties: the first
+             torch.full((rows, n), float("-inf")),
+             torch.randn(rows, n + 40)[:, 5:n + 5]]  # rows further apart than n
+    nans = torch.randint(-3, 3, (rows, n)).float()
+    nans[:, -1] = float("nan")  # in the tail
+    cases.append(nans.clone())
+    if n > 40:
+        nans[0, 33], nans[-1, 20] = float("nan"), float("nan")  # in the vector part: the first
+        cases.append(nans)
+    for x in cases:
+        assert kernels.argmax_ok(x)
+        assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    assert not kernels.argmax_ok(torch.randn(rows, n, dtype=torch.bfloat16))
+    assert not kernels.argmax_ok(torch.randn(n, rows + 1).t())  # last stride rows + 1
+    assert not kernels.argmax_ok(torch.randn(rows, 0))
+
+
+@needs_kernel
 def test_layouts_the_kernels_do_not_take_keep_torchs_ops(kernels):
     norm = RMSNorm(8, 1e-6).to(torch.bfloat16)
     norm.kernels = kernels
@@ -317,6 +339,8 @@ def test_the_kernel_serves_a_bf16_engine_as_closely_as_the_torch_path(monkeypatc
             small = [m.blocked is not None for m in runner.model.modules()
                      if isinstance(m, PackedMatmul)]
             assert len(small) == 6 * 4 + 1 and set(small) == {name == "kernel"}
+            # Greedy picks are torch's either way: the native argmax serves every CPU dtype.
+            assert (runner.sampler.kernels is not None) == (name != "torch")
             # Three prompts decode at 3 rows (oneDNN), one and two at 1-2 (the small kernel).
             outs = [*llm.generate(prompts, params, use_tqdm=False),
                     *llm.generate(prompts[:1], params, use_tqdm=False),

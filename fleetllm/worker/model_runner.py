@@ -16,6 +16,7 @@ from fleetllm.distributed.kv_transfer.base import KVConnectorBase_V1
 from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.lora.manager import LoRAManager
 from fleetllm.lora.request import LoRARequest
+from fleetllm.model.layers import cpu_kernels
 from fleetllm.model.layers.attention import AttentionMetadata, DecodeStaging, PrefillMetadata
 from fleetllm.model.layers.cpu_kernels import CpuKernels, decode_kernels_for, kernels_for
 from fleetllm.model.layers.linear import pack_linear_weights
@@ -105,6 +106,8 @@ class ModelRunner:
             logger.debug("packed %d linear weights into oneDNN's layout", packed)
         self.cpu_kernels = decode_kernels_for(self.device, self.dtype,
                                               self.config.model_config.head_dim)
+        # Greedy picks from float32 logits: any model on CPU (the picks are torch's).
+        self.sampler.kernels = cpu_kernels.load() if self.device.type == "cpu" else None
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         mc = self.config.model_config

@@ -6,6 +6,8 @@
 - pointwise.c: residual add + RMSNorm, SiLU-and-mul, rotary embedding and the K/V cache (and
   staging) writes, one call each where torch takes 4-12 small ops (~10 us per norm at batch 1,
   most of it dispatch).
+- pointwise.c also has each row's argmax over float32 logits (greedy sampling), which torch
+  runs at ~5 GB/s on CPU.
 - small_linear.c: x @ w.T for 1-2 rows (batch-1 and batch-2 decode) from a blocked copy of a
   small weight; oneDNN's packed linear costs ~20 us a call at any size, 2-3x this kernel's
   time on a matrix of up to a few MiB.
@@ -168,6 +170,9 @@ class CpuKernels:
         self._small_linear = self._lib.fl_small_linear
         self._small_linear.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
         self._small_linear.restype = None
+        self._argmax = self._lib.fl_argmax
+        self._argmax.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+        self._argmax.restype = None
 
     # The pointwise kernels take bf16 rows with a unit last stride (any row stride) and
     # return fresh contiguous tensors; callers check `rows_ok` and keep torch's ops otherwise.
@@ -248,6 +253,18 @@ class CpuKernels:
                      if bad <= tokens else f"staging row {stage_rows[bad - 1 - tokens].item()} "
                      "is outside the staging copy")
             raise IndexError(f"KV store: {which}")
+
+    @staticmethod
+    def argmax_ok(x: torch.Tensor) -> bool:
+        """x: [rows, n > 0] float32 on CPU with a unit last stride."""
+        return (x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.shape[1] > 0 and x.stride(1) == 1)
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """x.argmax(-1) as torch picks it (the first largest, or the first NaN) -> int64."""
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+        return out
 
     @classmethod
     def small_rows_ok(cls, x: torch.Tensor) -> bool:

@@ -129,3 +129,42 @@ int64_t fl_store_kv(const bf16 *k, const bf16 *v, int64_t k_stride, int64_t v_st
     }
     return 0;
 }
+
+/* Each row's argmax as torch's argmax picks it: the first index of the largest value, or of
+ * the first NaN where a row has one. rows of n float32 values, `stride` apart. torch's own
+ * CPU argmax runs at ~5 GB/s on [64, 49,152] (4 ms a step at batch 64); this is one
+ * vectorised max pass and one search for its first index. */
+void fl_argmax(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out) {
+#pragma omp parallel for if (rows * n >= FL_PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * stride;
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        __mmask16 nan = 0;
+        int64_t i = 0;
+        for (; i + 16 <= n && !nan; i += 16) {
+            __m512 v = _mm512_loadu_ps(row + i);
+            nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            m = _mm512_max_ps(m, v);
+        }
+        int64_t found = -1;
+        if (nan) {
+            found = i - 16 + __builtin_ctz(nan);
+        } else {
+            float best = _mm512_reduce_max_ps(m);
+            for (int64_t j = i; j < n; j++) {
+                if (row[j] != row[j]) { found = j; break; }
+                if (row[j] > best) best = row[j];
+            }
+            if (found < 0) {
+                __m512 b = _mm512_set1_ps(best);
+                for (int64_t j = 0; j < n && found < 0; j += 16) {
+                    __mmask16 lanes = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+                    __m512 v = _mm512_maskz_loadu_ps(lanes, row + j);
+                    __mmask16 hit = _mm512_mask_cmp_ps_mask(lanes, v, b, _CMP_EQ_OQ);
+                    if (hit) found = j + __builtin_ctz(hit);
+                }
+            }
+        }
+        out[r] = found < 0 ? 0 : found;
+    }
+}

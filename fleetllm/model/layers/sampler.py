@@ -16,9 +16,13 @@ LogitsAdjustment, so the sampler has no code path per feature.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from fleetllm.model.layers.cpu_kernels import CpuKernels
 
 _MASK = float("-inf")
 
@@ -134,6 +138,8 @@ class Sampler:
     def __init__(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self.row_generator = torch.Generator()
+        # The native argmax (same picks as torch's, ~10x faster on CPU), set by the runner.
+        self.kernels: CpuKernels | None = None
 
     def __call__(self, logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
         """Samples one token per row; logits may be changed in place."""
@@ -142,7 +148,8 @@ class Sampler:
             logits = apply_logits_adjustment(logits, m.adjustment)
         if m.repetition_penalty is not None:
             logits = apply_penalties(logits, m)
-        greedy = logits.argmax(dim=-1)
+        k = self.kernels
+        greedy = k.argmax(logits) if k is not None and k.argmax_ok(logits) else logits.argmax(-1)
         sampled = greedy if m.all_greedy else torch.where(
             m.temperature == 0, greedy, self._random(logits, m))
         out = SamplerOutput(sampled)
