@@ -5,6 +5,14 @@
  * called through ctypes; the OpenMP runtime is the one torch has loaded (libgomp.so.1). */
 #include "kernels.h"
 
+/* Keys and values stream from memory, each (sequence, kv head) a few KiB to tens of KiB
+ * across page boundaries, where the hardware prefetcher stops: they are prefetched this many
+ * rows ahead. */
+#define PREFETCH_ROWS 32
+static inline void prefetch_rows(const bf16 *p, int64_t values) {
+    for (int64_t i = 0; i < values; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+}
+
 /* Sums each of four vectors: lane i of the result's low 128 bits is the sum of vector i. */
 static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
@@ -29,6 +37,7 @@ static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
             for (int c = 0; c < NC; c++) a[jj][c] = _mm512_setzero_ps();                       \
         for (int64_t t = 0; t < n; t++) {                                                      \
             const bf16 *vr = v + t * d;                                                        \
+            prefetch_rows(vr + PREFETCH_ROWS * d, d);                                          \
             __m512 w[GB];                                                                      \
             for (int jj = 0; jj < GB; jj++) w[jj] = _mm512_set1_ps(p[jj * pstride + t]);       \
             for (int c = 0; c < NC; c++) {                                                     \
@@ -79,6 +88,8 @@ static void attend(const bf16 *k, const bf16 *v, int64_t n, const bf16 *qb, cons
     __m128 sc = _mm_set1_ps(scale);
     for (; d % 32 == 0 && t + 4 <= n; t += 4) {
         const bf16 *kr[4] = {k + t * d, k + (t + 1) * d, k + (t + 2) * d, k + (t + 3) * d};
+        prefetch_rows(k + (t + PREFETCH_ROWS) * d, 4 * d);
+        prefetch_rows(v + (t + PREFETCH_ROWS) * d, 4 * d);
         for (int64_t j = 0; j < g; j++) {
             __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                            _mm512_setzero_ps()};
