@@ -265,8 +265,8 @@ def test_small_linear_refuses_what_it_cannot_take(kernels):
     assert kernels.block_weight(torch.randn(64, 33, dtype=bf)) is None  # in odd
     big = cpu_kernels.SMALL_LINEAR_MAX_BYTES // 2 // 1024 + 16
     assert kernels.block_weight(torch.empty(big, 1024, dtype=bf)) is None  # not doubled
-    assert kernels.small_rows_ok(torch.randn(2, 32, dtype=bf))
-    assert not kernels.small_rows_ok(torch.randn(3, 32, dtype=bf))
+    assert kernels.small_rows_ok(torch.randn(cpu_kernels.SMALL_LINEAR_ROWS, 32, dtype=bf))
+    assert not kernels.small_rows_ok(torch.randn(cpu_kernels.SMALL_LINEAR_ROWS + 1, 32, dtype=bf))
     assert not kernels.small_rows_ok(torch.randn(32, 2, dtype=bf).t())
     blocked = kernels.block_weight(torch.randn(64, 32, dtype=bf))
     with pytest.raises(ValueError, match="x has 30 features, the weight 32"):
@@ -318,7 +318,7 @@ def test_the_kernel_serves_a_bf16_engine_as_closely_as_the_torch_path(monkeypatc
     from fleetllm import LLM, SamplingParams
     from fleetllm.default_model import default_model_path
 
-    prompts = [{"prompt_token_ids": list(range(3 + i, 40 + 7 * i))} for i in range(3)]
+    prompts = [{"prompt_token_ids": list(range(3 + i, 40 + 7 * i))} for i in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
     runs = {}
     for name, on, dtype in (("kernel", "1", "bfloat16"), ("torch", "0", "bfloat16"),
@@ -341,10 +341,11 @@ def test_the_kernel_serves_a_bf16_engine_as_closely_as_the_torch_path(monkeypatc
             assert len(small) == 6 * 4 + 1 and set(small) == {name == "kernel"}
             # Greedy picks are torch's either way: the native argmax serves every CPU dtype.
             assert (runner.sampler.kernels is not None) == (name != "torch")
-            # Three prompts decode at 3 rows (oneDNN), one and two at 1-2 (the small kernel).
+            # Six prompts decode at 6 rows (oneDNN), one and three at 1 and 3 (the small
+            # linear kernel).
             outs = [*llm.generate(prompts, params, use_tqdm=False),
                     *llm.generate(prompts[:1], params, use_tqdm=False),
-                    *llm.generate(prompts[1:], params, use_tqdm=False)]
+                    *llm.generate(prompts[1:4], params, use_tqdm=False)]
             assert runner.staging is not None
             assert (runner.staging.ranges is not None) == (name == "kernel")
         finally:

@@ -8,7 +8,7 @@
   most of it dispatch).
 - pointwise.c also has each row's argmax over float32 logits (greedy sampling), which torch
   runs at ~5 GB/s on CPU.
-- small_linear.c: x @ w.T for 1-2 rows (batch-1 and batch-2 decode) from a blocked copy of a
+- small_linear.c: x @ w.T for 1-4 rows (decode batches of 1-4) from a blocked copy of a
   small weight; oneDNN's packed linear costs ~20 us a call at any size, 2-3x this kernel's
   time on a matrix of up to a few MiB.
 
@@ -48,10 +48,11 @@ HEADERS = (_HERE / "kernels.h",)
 # head_dim / 16 values the kernel has register-blocked loops for.
 _HEAD_DIM_BLOCKS = (1, 2, 4, 8)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-# The small-batch linear kernel serves up to this many rows (it wins 1.5-3x at 1-2 rows; at 4
-# oneDNN's AMX kernel is level and pulls ahead after) and weights of up to this many bytes,
-# which it keeps a second, blocked copy of (so larger models' weights are not doubled).
-SMALL_LINEAR_ROWS = 2
+# The small-batch linear kernel serves up to this many rows (it wins 1.5-3x at 1-2 rows; in a
+# decode step, with weights streaming from memory, +19% at 4 rows and -5% at 8, where
+# oneDNN's AMX kernel pulls ahead) and weights of up to this many bytes, which it keeps a
+# second, blocked copy of (so larger models' weights are not doubled).
+SMALL_LINEAR_ROWS = 4
 SMALL_LINEAR_MAX_BYTES = 4 << 20
 
 
