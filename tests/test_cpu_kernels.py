@@ -239,20 +239,36 @@ def check_small_linear(kernels: CpuKernels, rows: int, out: int, inp: int, bias:
     assert (got != onednn).double().mean() < 0.05
 
 
+HAS_AMX = {"amx_bf16", "amx_tile"} <= cpu_kernels._cpu_flags()
+
+
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 17, 64])
 @pytest.mark.parametrize("out,inp", [(256, 256), (80, 34), (4096, 256), (960, 576),
                                      (3072, 576)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_small_linear_is_one_rounding_from_the_exact_product(kernels, rows, out, inp, bias):
-    check_small_linear(kernels, rows, out, inp, bias, strided=rows == 2)
+@pytest.mark.parametrize("amx", [True, False])
+def test_small_linear_is_one_rounding_from_the_exact_product(kernels, rows, out, inp, bias,
+                                                            amx, monkeypatch):
+    if amx and not kernels.amx:
+        pytest.skip("no AMX tiles on this CPU (or not granted): the AVX-512 path serves")
+    monkeypatch.setattr(kernels, "amx", amx)
+    check_small_linear(kernels, rows, out, inp, bias, strided=rows in (2, 17))
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="the CPU has no AMX tiles")
+def test_amx_tiles_are_granted_and_serve_up_to_64_rows(kernels):
+    assert kernels.amx, "Linux did not grant this process the AMX tile state"
+    assert kernels.small_rows == cpu_kernels.SMALL_LINEAR_ROWS_AMX == 64
 
 
 @needs_kernel
 def test_small_linear_without_avx512_bf16_gives_the_same_answers(fresh_load, tmp_path,
                                                                  monkeypatch):
     """CPUs with AVX-512 but not its bf16 dot products build the widening path."""
-    fallback = CpuKernels(cpu_kernels.build(extra_flags=("-mno-avx512bf16",)))
+    fallback = CpuKernels(cpu_kernels.build(extra_flags=("-mno-avx512bf16", "-mno-amx-bf16",
+                                                         "-mno-amx-tile")))
+    assert not fallback.amx  # built without the tiles: fl_amx_init says no
     for rows, out, inp, bias in ((1, 256, 256, True), (2, 80, 34, False), (3, 960, 576, True)):
         check_small_linear(fallback, rows, out, inp, bias, strided=True)
 
@@ -265,8 +281,8 @@ def test_small_linear_refuses_what_it_cannot_take(kernels):
     assert kernels.block_weight(torch.randn(64, 33, dtype=bf)) is None  # in odd
     big = cpu_kernels.SMALL_LINEAR_MAX_BYTES // 2 // 1024 + 16
     assert kernels.block_weight(torch.empty(big, 1024, dtype=bf)) is None  # not doubled
-    assert kernels.small_rows_ok(torch.randn(cpu_kernels.SMALL_LINEAR_ROWS, 32, dtype=bf))
-    assert not kernels.small_rows_ok(torch.randn(cpu_kernels.SMALL_LINEAR_ROWS + 1, 32, dtype=bf))
+    assert kernels.small_rows_ok(torch.randn(kernels.small_rows, 32, dtype=bf))
+    assert not kernels.small_rows_ok(torch.randn(kernels.small_rows + 1, 32, dtype=bf))
     assert not kernels.small_rows_ok(torch.randn(32, 2, dtype=bf).t())
     blocked = kernels.block_weight(torch.randn(64, 32, dtype=bf))
     with pytest.raises(ValueError, match="x has 30 features, the weight 32"):

@@ -146,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
 
     def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
         """Routes the norms, the SiLU-and-mul, the rotary embedding, the K/V writes and the
-        small linear layers' 1-4 row products through the native CPU kernels (bf16 on CPU;
+        small linear layers' decode-batch products through the native CPU kernels (bf16 on CPU;
         None: torch's and oneDNN's ops)."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, MLP, RotaryEmbedding)):

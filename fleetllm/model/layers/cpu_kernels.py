@@ -8,9 +8,9 @@
   most of it dispatch).
 - pointwise.c also has each row's argmax over float32 logits (greedy sampling), which torch
   runs at ~5 GB/s on CPU.
-- small_linear.c: x @ w.T for 1-4 rows (decode batches of 1-4) from a blocked copy of a
-  small weight; oneDNN's packed linear costs ~20 us a call at any size, 2-3x this kernel's
-  time on a matrix of up to a few MiB.
+- small_linear.c: x @ w.T for decode batches (up to 64 rows on AMX tiles, 4 without) from a
+  blocked copy of a small weight; oneDNN's packed linear costs ~20 us a call at any size,
+  2-3x this kernel's time on a matrix of up to a few MiB.
 
 Plain C with AVX-512 intrinsics and no torch headers, so a build takes about a second. It is
 compiled with -march=native for the machine at hand and cached under $FLEETLLM_CACHE_DIR
@@ -48,11 +48,13 @@ HEADERS = (_HERE / "kernels.h",)
 # head_dim / 16 values the kernel has register-blocked loops for.
 _HEAD_DIM_BLOCKS = (1, 2, 4, 8)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-# The small-batch linear kernel serves up to this many rows (it wins 1.5-3x at 1-2 rows; in a
-# decode step, with weights streaming from memory, +19% at 4 rows and -5% at 8, where
-# oneDNN's AMX kernel pulls ahead) and weights of up to this many bytes, which it keeps a
-# second, blocked copy of (so larger models' weights are not doubled).
+# The small-batch linear kernel serves up to this many rows and weights of up to this many
+# bytes, which it keeps a second, blocked copy of (so larger models' weights are not doubled).
+# On AMX tiles it beats oneDNN's packed linear at every row count up to 64 on such weights
+# (docs/performance.md); with AVX-512 dot products alone, up to 4 rows (in a decode step
+# +19% at 4 rows, -5% at 8).
 SMALL_LINEAR_ROWS = 4
+SMALL_LINEAR_ROWS_AMX = 64
 SMALL_LINEAR_MAX_BYTES = 4 << 20
 
 
@@ -169,8 +171,14 @@ class CpuKernels:
                                    _PTR, _I64, _PTR, _I64, _PTR, _PTR]
         self._store_kv.restype = _I64
         self._small_linear = self._lib.fl_small_linear
-        self._small_linear.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
+        self._small_linear.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR,
+                                       ctypes.c_int]
         self._small_linear.restype = None
+        # AMX tiles for the small linear layers: the CPU has them, the library was built
+        # with them, and Linux grants the tile state to this process.
+        flags = _cpu_flags()
+        self.amx = ("amx_bf16" in flags and "amx_tile" in flags
+                    and bool(self._lib.fl_amx_init()))
         self._argmax = self._lib.fl_argmax
         self._argmax.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
         self._argmax.restype = None
@@ -267,10 +275,14 @@ class CpuKernels:
         self._argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
         return out
 
-    @classmethod
-    def small_rows_ok(cls, x: torch.Tensor) -> bool:
-        """x is few enough rows (SMALL_LINEAR_ROWS) for the small-batch linear kernel."""
-        return x.dim() == 2 and x.shape[0] <= SMALL_LINEAR_ROWS and cls.rows_ok(x)
+    @property
+    def small_rows(self) -> int:
+        """The most rows the small-batch linear kernel serves."""
+        return SMALL_LINEAR_ROWS_AMX if self.amx else SMALL_LINEAR_ROWS
+
+    def small_rows_ok(self, x: torch.Tensor) -> bool:
+        """x is few enough rows (small_rows) for the small-batch linear kernel."""
+        return x.dim() == 2 and x.shape[0] <= self.small_rows and self.rows_ok(x)
 
     @staticmethod
     def takes_weight(w: torch.Tensor) -> bool:
@@ -303,7 +315,8 @@ class CpuKernels:
             raise TypeError("small linear: the bias must be contiguous bf16")
         out = torch.empty(rows, nb * 16, dtype=torch.bfloat16)
         self._small_linear(x.data_ptr(), x.stride(0), rows, blocked.data_ptr(), nb * 16, inp,
-                           None if bias is None else bias.data_ptr(), out.data_ptr())
+                           None if bias is None else bias.data_ptr(), out.data_ptr(),
+                           int(self.amx))
         return out
 
     @staticmethod

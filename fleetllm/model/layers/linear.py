@@ -72,7 +72,7 @@ class PackedMatmul:
     """x @ weight.T (+ bias) from the plain weight, or from its packed copy once packed, when
     the plain weight's storage is freed (weight keeps its dtype, with no elements). With the
     native CPU kernels (`use_small_linear`), a small weight also keeps a blocked copy that
-    serves 1-4 rows (decode batches of 1-4) without oneDNN's per-call cost."""
+    serves decode batches (CpuKernels.small_rows) without oneDNN's per-call cost."""
 
     weight: nn.Parameter
     packed: torch.Tensor | None = None
@@ -99,7 +99,7 @@ class PackedMatmul:
         return self.packed.to_dense() if self.packed is not None else self.weight.data
 
     def use_small_linear(self, kernels: CpuKernels | None) -> bool:
-        """Serves 1-4 rows with the native kernel from a blocked copy of the weight, where
+        """Serves decode batches with the native kernel from a blocked copy of the weight, where
         the kernel takes this weight (bf16, up to SMALL_LINEAR_MAX_BYTES); None drops the
         copy. -> whether the kernel serves this layer now."""
         self.kernels = self.blocked = None
