@@ -288,6 +288,9 @@ def test_idle_workers_sleep(tp2: LLM) -> None:
     (polling every millisecond cost each idle worker ~3% of a core)."""
     ex = tp2.engine_core.executor
     workers = [psutil.Process(p.pid) for p in ex.procs]
+    # Steady idle, not the tail of the last test's call (its OpenMP threads spin a little
+    # before they sleep; CPU times tick in 10 ms, and one extra tick failed a full run).
+    time.sleep(0.5)
     before = [sum(w.cpu_times()[:2]) for w in workers]
     time.sleep(2.0)
     used = [sum(w.cpu_times()[:2]) - b for w, b in zip(workers, before)]
