@@ -357,8 +357,8 @@ def test_the_kernel_serves_a_bf16_engine_as_closely_as_the_torch_path(monkeypatc
             assert len(small) == 6 * 4 + 1 and set(small) == {name == "kernel"}
             # Greedy picks are torch's either way: the native argmax serves every CPU dtype.
             assert (runner.sampler.kernels is not None) == (name != "torch")
-            # Six prompts decode at 6 rows (oneDNN), one and three at 1 and 3 (the small
-            # linear kernel).
+            # Decodes of 6, 1 and 3 rows: the small linear kernel serves all three on AMX,
+            # and 1 and 3 on AVX-512 alone (6 rows: oneDNN).
             outs = [*llm.generate(prompts, params, use_tqdm=False),
                     *llm.generate(prompts[:1], params, use_tqdm=False),
                     *llm.generate(prompts[1:4], params, use_tqdm=False)]
