@@ -100,14 +100,14 @@ void fl_rotate(bf16 *x, int64_t tokens, int64_t row_stride, int64_t heads, int64
 }
 
 /* Each token's new K and V (row = kv_heads * d values, contiguous; tokens k_stride and
- * v_stride apart, as the fused qkv projection leaves them) to its cache slot, rows of `row` values; and, for
- * the first `staged` tokens (the decodes), each head's d values to its staging row too
- * (stage_rows[token * kv_heads + head], rows of d). One call for the four index_copy_ calls
- * torch needs. Every index is checked first: -> 0, or 1 + the first out-of-range position
- * (slots first, then stage rows), nothing written. */
+ * v_stride apart, as the fused qkv projection leaves them) to its cache slot, rows of `row`
+ * values; and, for the first `staged` tokens (the decodes), each head's d values to its
+ * staging row too (stage_rows[token * kv_heads + head], rows of d). One call for the four
+ * index_copy_ calls torch needs. Every index is checked first: -> 0, or 1 + the first
+ * out-of-range position (slots first, then stage rows), nothing written. */
 int64_t fl_store_kv(const bf16 *k, const bf16 *v, int64_t k_stride, int64_t v_stride,
-                    int64_t tokens,
-                    int64_t kv_heads, int64_t d, const int64_t *slots, int64_t num_slots,
+                    int64_t tokens, int64_t kv_heads, int64_t d, const int64_t *slots,
+                    int64_t num_slots,
                     bf16 *k_cache, bf16 *v_cache, int64_t staged, const int64_t *stage_rows,
                     int64_t num_stage_rows, bf16 *k_stage, bf16 *v_stage) {
     int64_t row = kv_heads * d;
