@@ -160,3 +160,13 @@ def kill_mid_generate(llm: LLM, kill: Callable[[], Any], after_tokens: int = 20)
 
     client.step = step_then_kill
     return delivered
+
+
+def wakeups(pid: int, tid: int) -> int:
+    """How often one thread has been switched out: each sleep it wakes from counts one.
+    Polling every millisecond is ~1,000 a second; a thread that sleeps until it is woken
+    has a handful. Wake-ups count exactly, where accounted CPU time on a VM does not (here a
+    bare select() with a 50 ms timeout costs ~0.4 ms of CPU a wake, and other processes'
+    CPU comes in 10 ms ticks), so tests of sleeping bound wake-ups, and CPU only loosely."""
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)

@@ -26,6 +26,7 @@ import msgspec
 import pytest
 
 from fleetllm.executor.shm_queue import Handle, MessageQueue, QueueAbortedError
+from tests.helpers import wakeups
 
 STOP = b"stop"
 ECHO = b"echo"  # messages starting with this come back whole, not as a digest
@@ -160,12 +161,14 @@ def test_reader_sleeps_on_its_bell_and_wakes_when_rung(queue: Callable[..., Mess
     try:
         with MessageQueue.create_from_handle(mq.export_handle(), 0) as reader:
             mq.wait_until_ready(timeout=5)
-            got: list[tuple[bytes, float, float]] = []
+            got: list[tuple[bytes, float, float, int]] = []
 
             def read() -> None:
-                cpu = time.thread_time()
+                me = threading.get_native_id()
+                woke, cpu = wakeups(os.getpid(), me), time.thread_time()
                 msg = reader.dequeue(timeout=10, bell=bell_r)
-                got.append((msg, time.monotonic(), time.thread_time() - cpu))
+                got.append((msg, time.monotonic(), time.thread_time() - cpu,
+                            wakeups(os.getpid(), me) - woke))
 
             t = threading.Thread(target=read)
             t.start()
@@ -174,10 +177,13 @@ def test_reader_sleeps_on_its_bell_and_wakes_when_rung(queue: Callable[..., Mess
             mq.enqueue(b"wake", timeout=5)
             os.write(bell_w, b"\0")
             t.join(5)
-            (msg, woke, cpu) = got[0]
+            (msg, woke, cpu, times) = got[0]
             assert msg == b"wake"
             assert woke - sent < 0.05  # the ring, not a 0.1 s liveness check, woke it
-            assert cpu < 0.01  # half a second asleep cost next to no CPU
+            # Half a second asleep: a few wake-ups (spin yields, 0.1 s liveness checks), not
+            # the ~500 of polling every millisecond, and no spinning.
+            assert times < 30, f"the reader woke {times} times in 0.5 s"
+            assert cpu < 0.1
             # A timeout still ends a wait on the bell.
             with pytest.raises(TimeoutError):
                 reader.dequeue(timeout=0.2, bell=bell_r)
