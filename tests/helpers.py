@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,36 @@ VOCAB = 300  # the vocabulary of conftest's tiny checkpoints
 BLOCK_SIZE = 16
 # Eight prompt lengths from 3 to 100, so batches mix short and long prefills.
 LENGTHS = (3, 9, 17, 30, 41, 64, 77, 100)
+
+
+def free_ports(n: int = 1) -> int:
+    """A base port with n free ports after it, below the kernel's ephemeral range.
+
+    A port picked by binding port 0 is in the ephemeral range, where Ray's processes, zmq's
+    random binds and every outgoing connection later take theirs, so a test that released one
+    could find it taken when the server bound it (CI: a KV connector's rank-1 port, taken while
+    Ray started). Ports between Ray's worker ports (10002-19999) and the ephemeral range are
+    taken only by explicit binds."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    start = 20000 if low - n > 21000 else 1024
+    pick = random.Random()  # its own generator: a test's random.seed() must not repeat picks
+    for _ in range(200):
+        base = pick.randrange(start, low - n)
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports in {start}-{low}")
 
 
 def make_llm(model: str | Path, **kwargs: Any) -> LLM:

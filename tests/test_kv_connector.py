@@ -26,6 +26,7 @@ from fleetllm.executor.futures import FutureWrapper
 from fleetllm.sampling_params import SamplingParams
 from fleetllm.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from fleetllm.sched.request import Request
+from tests.helpers import free_ports
 
 BS = 4
 NUM_BLOCKS = 16
@@ -274,24 +275,6 @@ def test_shared_storage_other_dtype_or_prefix_is_not_used(llama_dir: Path, tmp_p
 
 
 # ---- P2PZmqConnector ----------------------------------------------------------------------
-def _free_ports(n: int) -> int:
-    """A base port with n free ports after it."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65536:
-            continue
-        try:
-            for p in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
 def _poll(workers: list, want: str, field: str, first: list[KVConnectorOutput],
           agg: KVOutputAggregator | None = None, timeout: float = 10.0) -> KVConnectorOutput:
     """Aggregates the step's outputs (first), then polls the workers until want shows."""
@@ -313,7 +296,7 @@ def _p2p_threads() -> list[str]:
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_p2p_push_from_prefill_to_decode(llama_dir: Path, tmp_path: Path, tp: int) -> None:
-    port = _free_ports(tp)
+    port = free_ports(tp)
     prod = _config(llama_dir, tmp_path, "P2PZmqConnector", "kv_producer", tp, remote_port=port)
     cons = _config(llama_dir, tmp_path, "P2PZmqConnector", "kv_consumer", tp, kv_port=port)
     produced = [_caches(prod, tp, seed=r + 1) for r in range(tp)]
@@ -352,7 +335,7 @@ def test_p2p_push_from_prefill_to_decode(llama_dir: Path, tmp_path: Path, tp: in
 
 def test_p2p_decode_recomputes_on_timeout_or_mismatch(llama_dir: Path, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    port = _free_ports(1)
+    port = free_ports(1)
     prod = _config(llama_dir, tmp_path, "P2PZmqConnector", "kv_producer", remote_port=port)
     cons = _config(llama_dir, tmp_path, "P2PZmqConnector", "kv_consumer", kv_port=port,
                    recv_timeout_s=3.0)
@@ -383,7 +366,7 @@ def test_p2p_decode_recomputes_on_timeout_or_mismatch(llama_dir: Path, tmp_path:
 def test_p2p_dead_decode_side_never_holds_blocks(llama_dir: Path, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     prod = _config(llama_dir, tmp_path, "P2PZmqConnector", "kv_producer",
-                   remote_port=_free_ports(1), send_timeout_s=0.3)
+                   remote_port=free_ports(1), send_timeout_s=0.3)
     prefiller = _worker(prod, _caches(prod, seed=1))
     try:
         sched = KVConnectorFactory.create_connector(prod, KVConnectorRole.SCHEDULER)

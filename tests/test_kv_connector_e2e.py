@@ -16,8 +16,16 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import BLOCK_SIZE, LENGTHS, greedy, make_llm, random_prompts, token_prompts
-from tests.test_openai_server import API_KEY, ENV, MODEL, _free_port, serve
+from tests.helpers import (
+    BLOCK_SIZE,
+    LENGTHS,
+    free_ports,
+    greedy,
+    make_llm,
+    random_prompts,
+    token_prompts,
+)
+from tests.test_openai_server import API_KEY, ENV, MODEL, serve
 
 KV_BYTES = 1 << 22
 LAYOUTS = {"uni": {}, "mp_tp2": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
@@ -98,7 +106,7 @@ def _p2p(role: str, port: int) -> str:
 
 @contextmanager
 def proxy(prefill: str, decode: str, log: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_ports(1)
     cmd = [sys.executable, "-m", "fleetllm.entrypoints.cli", "proxy", "--prefill", prefill,
            "--decode", decode, "--port", str(port)]
     with open(log, "w") as out:
@@ -152,7 +160,7 @@ def _wait_blocks_free(url: str) -> None:
 def test_disaggregated_serving_matches_one_server(llama_dir: Path, tmp_path: Path) -> None:
     with serve(llama_dir, tmp_path / "plain.log") as plain:
         want = _stream_all(plain.url)
-    kv_port = _free_port()
+    kv_port = free_ports(1)
     with serve(llama_dir, tmp_path / "decode.log", "--kv-transfer-config",
                _p2p("kv_consumer", kv_port)) as decode, \
          serve(llama_dir, tmp_path / "prefill.log", "--kv-transfer-config",
@@ -187,7 +195,7 @@ def test_p2p_between_offline_engines_under_tensor_parallel(llama_dir: Path,
     from fleetllm import SamplingParams
 
     prompts = random_prompts(LENGTHS)
-    port = _free_port()
+    port = free_ports(2)  # rank r listens on port + r
     kw = dict(kv_cache_memory_bytes=KV_BYTES, **LAYOUTS[layout])
     consumer = make_llm(llama_dir, kv_transfer_config=json.loads(_p2p("kv_consumer", port)),
                         **kw)

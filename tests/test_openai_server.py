@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from fleetllm import SamplingParams
 from fleetllm.config import EngineArgs
 from fleetllm.engine.async_llm import AsyncLLM
 from fleetllm.entrypoints.openai.server import ENGINE_DEATH_GRACE_S
-from tests.helpers import make_llm
+from tests.helpers import free_ports, make_llm
 
 KV = 1 << 24
 MAX_LEN = 256
@@ -47,9 +46,7 @@ class Server:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)
 
 
 @contextmanager
