@@ -14,7 +14,14 @@ from fleetllm.model.layers.attention import (
     DecodeStaging,
     TorchAttentionBackend,
 )
-from fleetllm.model.layers.linear import PackedMatmul, pack_weight, weights_as_held
+from fleetllm.model.layers.linear import (
+    PackedMatmul,
+    drop_packed_weights,
+    pack_linear_weights,
+    pack_weight,
+    weight_bytes_held,
+    weights_as_held,
+)
 from fleetllm.model.layers.rotary import RotaryEmbedding
 
 HEADS, KV_HEADS, DIM, BS, NUM_BLOCKS = 6, 2, 16, 4, 64
@@ -168,3 +175,50 @@ def test_packed_weights_are_bit_identical_and_still_readable() -> None:
         assert torch.equal(layer.matmul(x, bias), y)
     assert torch.equal(dict(weights_as_held(layer))["weight"], w)
     assert pack_weight(torch.zeros(2, 2)) is None  # float32 keeps the unpacked kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_copy_where_onednn_cannot_pack(dtype: torch.dtype) -> None:
+    """Where oneDNN cannot pack (AVX2-only CPUs), a 16-bit weight is held as float32: the
+    output is the float32 sum of the same products, rounded once to the input's dtype, so it
+    is within one rounding of torch's 16-bit kernel; the weight reads back exactly."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 32).to(dtype)
+    bias = torch.randn(48).to(dtype)
+    layer = _Lin(w.clone())
+    assert layer.needs_upcast()
+    layer.hold_as_float32()
+    assert layer.weight.numel() == 0 and layer.weight.dtype == dtype
+    assert layer.upcast.dtype == torch.float32 and not layer.needs_upcast()
+    assert layer.upcast.is_mkldnn or not torch.backends.mkldnn.is_available()
+    for m in (1, 3, 64):
+        x = torch.randn(m, 32).to(dtype)
+        got = layer.matmul(x, bias)
+        assert got.dtype == dtype
+        # One float32 sum of the exact products (in oneDNN's order), rounded once.
+        want = F.linear(x.float(), w.float(), bias.float())
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-5)
+        torch.testing.assert_close(got, F.linear(x, w, bias))  # dtype's default tolerance
+    held = dict(weights_as_held(layer))["weight"]
+    assert held.dtype == dtype and torch.equal(held, w)
+    assert weight_bytes_held(layer) == w.numel() * 4
+    drop_packed_weights(layer)
+    assert layer.upcast is None
+
+
+def test_float32_copies_only_where_they_fit(caplog: pytest.LogCaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """pack_linear_weights widens the 16-bit weights oneDNN did not pack only while their
+    float32 copies take at most half the memory available, else it says what to change."""
+    import fleetllm.model.layers.linear as linear
+
+    monkeypatch.setattr(linear, "pack_weight", lambda w: None)  # as on an AVX2-only CPU
+    model = torch.nn.ModuleList([_Lin(torch.randn(64, 64).bfloat16()) for _ in range(2)])
+    need = 2 * 2 * 64 * 64 * 2  # float32 copies of both
+    assert pack_linear_weights(model, available_bytes=need) == 0
+    assert all(m.upcast is None and m.weight.numel() > 0 for m in model)
+    assert "load the model in float32" in caplog.text
+    assert pack_linear_weights(model, available_bytes=2 * need) == 2
+    assert all(m.holds_copy() and m.upcast is not None for m in model)
+    fp32 = _Lin(torch.randn(8, 8))
+    assert not fp32.needs_upcast() and pack_linear_weights(fp32) == 0

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fleetllm.model.layers import cpu_kernels
 from fleetllm.model.layers.cpu_kernels import CpuKernels, decode_kernels_for, kernels_for
-from fleetllm.model.layers.linear import PackedMatmul
+from fleetllm.model.layers.linear import PackedMatmul, pack_weight
 from fleetllm.model.layers.norm import RMSNorm
 from fleetllm.model.layers.rotary import RotaryEmbedding
 
@@ -225,8 +226,11 @@ def check_small_linear(kernels: CpuKernels, rows: int, out: int, inp: int, bias:
     x = torch.randn(rows, inp + (48 if strided else 0), dtype=torch.bfloat16)[:, :inp]
     exact = x.double() @ w.double().T + (0 if b is None else b.double())
     got = kernels.small_linear(x, kernels.block_weight(w), b)
-    onednn = torch.ops.mkldnn._linear_pointwise(
-        x, torch.ops.mkldnn._reorder_linear_weight(w, None), b, "none", [], "")
+    packed = pack_weight(w)
+    if packed is not None:
+        onednn = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    else:  # no bf16 oneDNN (AVX2): the float32 copies' path, one float32 sum rounded once
+        onednn = F.linear(x.float(), w.float(), None if b is None else b.float()).bfloat16()
     assert got.shape == (rows, out) and got.dtype == torch.bfloat16
     # Each output is one float32 sum rounded once to bf16: within a bf16 step of the exact
     # product, plus what a float32 sum of `inp` terms can lose, as oneDNN's is (their float32
@@ -473,3 +477,106 @@ def test_an_unwritable_cache_keeps_the_torch_path_and_says_why(fresh_load, monke
     with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
         assert fresh_load() is None
     assert "not built" in caplog.text and "a-file" in caplog.text
+
+
+# ---- the AVX2 build of the small linear kernel ------------------------------------------
+HAS_AVX2 = (platform.machine() in ("x86_64", "AMD64")
+            and {"avx2", "fma"} <= cpu_kernels._cpu_flags())
+needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="the AVX2 kernel needs AVX2 and FMA")
+
+
+def avx2_build() -> cpu_kernels.Avx2SmallLinear:
+    return cpu_kernels.Avx2SmallLinear(cpu_kernels.build(cpu_kernels.AVX2_SOURCES, ()))
+
+
+@pytest.fixture(scope="module")
+def avx2() -> cpu_kernels.Avx2SmallLinear:
+    """Built on any AVX2 CPU, AVX-512 ones included (where the engine does not use it)."""
+    return avx2_build()
+
+
+@needs_avx2
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 17])
+@pytest.mark.parametrize("out,inp", [(256, 256), (80, 34), (960, 576), (3072, 576),
+                                     (16, 2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_avx2_small_linear_is_one_rounding_from_the_exact_product(avx2, rows, out, inp, bias):
+    check_small_linear(avx2, rows, out, inp, bias, strided=rows in (2, 17))
+
+
+@needs_avx2
+def test_avx2_kernel_takes_any_size_up_to_8_rows_and_keeps_nan(avx2):
+    bf = torch.bfloat16
+    big = torch.randn(cpu_kernels.SMALL_LINEAR_MAX_BYTES // 2 // 64 + 16, 64, dtype=bf)
+    assert avx2.block_weight(big) is not None  # the LM head too: no copy is doubled here
+    assert avx2.block_weight(torch.randn(40, 32, dtype=bf)) is None  # out not 16k
+    assert avx2.small_rows == cpu_kernels.AVX2_LINEAR_ROWS == 8 and not avx2.amx
+    assert avx2.small_rows_ok(torch.randn(8, 32, dtype=bf))
+    assert not avx2.small_rows_ok(torch.randn(9, 32, dtype=bf))
+    x = torch.tensor([[float("nan"), 1.0], [1.0, 2.0]], dtype=bf)
+    y = avx2.small_linear(x, avx2.block_weight(torch.ones(16, 2, dtype=bf)))
+    assert y[0].isnan().all() and (y[1] == 3).all()
+    with pytest.raises(ValueError, match="x has 30 features, the weight 32"):
+        avx2.small_linear(torch.randn(1, 30, dtype=bf), avx2.block_weight(
+            torch.randn(64, 32, dtype=bf)))
+
+
+def test_the_avx2_kernel_is_chosen_only_without_avx512(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(cpu_kernels, "load", lambda: "avx512")
+    assert cpu_kernels.linear_kernels_for(cpu, torch.bfloat16) == "avx512"
+    assert cpu_kernels.linear_kernels_for(cpu, torch.float32) is None
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "load_avx2_linear", lambda: "avx2")
+    assert cpu_kernels.linear_kernels_for(cpu, torch.bfloat16) == "avx2"
+    assert cpu_kernels.linear_kernels_for(torch.device("meta"), torch.bfloat16) is None
+    monkeypatch.undo()
+    for flags, env in (({"avx2", "fma", "avx512f"}, "1"), ({"avx2"}, "1"),
+                       ({"avx2", "fma"}, "0")):
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda f=flags: f)
+        monkeypatch.setenv("FLEETLLM_CPU_KERNELS", env)
+        cpu_kernels.load_avx2_linear.cache_clear()
+        assert cpu_kernels.load_avx2_linear() is None, (flags, env)
+    cpu_kernels.load_avx2_linear.cache_clear()
+
+
+@needs_avx2
+def test_an_avx2_engine_decodes_with_the_kernel_as_the_float32_copies_do(monkeypatch):
+    """As on an AVX2-only CPU (no AVX-512 kernels, no bf16 oneDNN): every linear layer holds
+    a float32 copy, decode batches of up to 8 rows run the AVX2 kernel from a bf16 blocked
+    copy (the LM head's too), and decode attention goes through SDPA."""
+    import fleetllm.model.layers.linear as linear
+    from fleetllm import LLM, SamplingParams
+    from fleetllm.default_model import default_model_path
+
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    monkeypatch.setattr(linear, "pack_weight", lambda w: None)
+    prompts = [{"prompt_token_ids": list(range(3 + i, 40 + 7 * i))} for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    runs = {}
+    for name in ("avx2", "float32_copies"):
+        monkeypatch.setattr(cpu_kernels, "load_avx2_linear",
+                            lambda n=name: avx2_build() if n == "avx2" else None)
+        llm = LLM(str(default_model_path()), dtype="bfloat16", skip_tokenizer_init=True)
+        try:
+            runner = llm.engine_core.executor.driver_worker.worker.model_runner
+            layers = [m for m in runner.model.modules() if isinstance(m, PackedMatmul)]
+            assert len(layers) == 6 * 4 + 1
+            assert all(m.upcast is not None for m in layers)
+            assert all((m.blocked is not None) == (name == "avx2") for m in layers)
+            assert all(m.attn.sdpa_decode for m in runner.model.modules() if hasattr(m, "attn"))
+            # Decodes of 6 rows and of 1 row: both within the kernel's 8.
+            outs = [*llm.generate(prompts, params, use_tqdm=False),
+                    *llm.generate(prompts[:1], params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+        runs[name] = [o.outputs[0] for o in outs]
+    same = sum(a.token_ids == b.token_ids for a, b in zip(runs["avx2"], runs["float32_copies"]))
+    assert same >= 6, same  # one float32 sum each, in two orders: near-ties may swap late
+    for a, b in zip(runs["avx2"], runs["float32_copies"]):
+        n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                 len(a.token_ids))
+        for i in range(n):
+            tok = a.token_ids[i]
+            assert a.logprobs[i][tok].logprob == pytest.approx(b.logprobs[i][tok].logprob,
+                                                              abs=0.05)

@@ -150,13 +150,25 @@ def test_preemption_matches_transformers(llama_dir, prefix_caching):
     assert got == hf_greedy(llama_dir, PROMPTS, 32)
 
 
-def test_bfloat16_checkpoint_close_to_transformers(ckpt):
+@pytest.mark.parametrize("linear", ["default", "float32_copies"])
+def test_bfloat16_checkpoint_close_to_transformers(ckpt, monkeypatch, linear):
+    """float32_copies: the linear layers hold float32 copies, as where oneDNN cannot pack bf16
+    (AVX2-only CPUs; there "default" runs them too)."""
+    if linear == "float32_copies":
+        import fleetllm.model.layers.linear as layers
+
+        monkeypatch.setattr(layers, "pack_weight", lambda w: None)
     path = ckpt("llama", torch.bfloat16)
     with make_llm(path) as llm:  # dtype="auto" takes the checkpoint's bfloat16
         assert llm.config.model_config.dtype == "bfloat16"
         dtypes = llm.collective_rpc(
             lambda w: {p.dtype for p in w.model_runner.model.parameters()})[0]
         assert dtypes == {torch.bfloat16}
+        if linear == "float32_copies":
+            held = llm.collective_rpc(lambda w: [
+                m.upcast is not None for m in w.model_runner.model.modules()
+                if hasattr(m, "upcast")])[0]
+            assert held and all(held), held
         outs = llm.generate(token_prompts(PROMPTS), greedy(32, logprobs=0), use_tqdm=False)
     want = hf_greedy(path, PROMPTS, 32, dtype=torch.bfloat16)
     # bfloat16 keeps 8 significant bits: logits of size ~5 carry rounding errors of ~0.02,

@@ -13,7 +13,7 @@ from fleetllm.config import ModelConfig
 from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.errors import ModelLoadError
 from fleetllm.model.layers.attention import AttentionMetadata, TorchAttentionBackend
-from fleetllm.model.layers.cpu_kernels import CpuKernels
+from fleetllm.model.layers.cpu_kernels import CpuKernels, SmallLinearKernels
 from fleetllm.model.layers.linear import (
     ColumnParallelLinear,
     PackedMatmul,
@@ -144,17 +144,27 @@ class LlamaForCausalLM(nn.Module):
             return self.norm.add_forward(h, delta)[0]
         return h if delta is None else h + delta
 
-    def use_cpu_kernels(self, kernels: CpuKernels | None) -> None:
+    def use_cpu_kernels(self, kernels: CpuKernels | None,
+                        linear: SmallLinearKernels | None = None) -> None:
         """Routes the norms, the SiLU-and-mul, the rotary embedding, the K/V writes and the
         small linear layers' decode-batch products through the native CPU kernels (bf16 on CPU;
-        None: torch's and oneDNN's ops)."""
+        None: torch's and oneDNN's ops). linear: another small-linear kernel (the AVX2 build,
+        where `kernels` is None); None takes kernels'."""
+        linear = kernels if linear is None else linear
         for module in self.modules():
             if isinstance(module, (RMSNorm, MLP, RotaryEmbedding)):
                 module.kernels = kernels
             elif isinstance(module, PackedMatmul):
-                module.use_small_linear(kernels)
+                module.use_small_linear(linear)
             elif isinstance(module, Attention):
                 module.attn.kernels = kernels
+
+    def use_float32_matmuls(self, on: bool) -> None:
+        """Tells attention that 16-bit matmuls are slow here (the linear layers hold float32
+        copies): decode then runs through SDPA at every batch size."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.attn.sdpa_decode = on
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

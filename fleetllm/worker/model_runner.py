@@ -18,7 +18,12 @@ from fleetllm.lora.manager import LoRAManager
 from fleetllm.lora.request import LoRARequest
 from fleetllm.model.layers import cpu_kernels
 from fleetllm.model.layers.attention import AttentionMetadata, DecodeStaging, PrefillMetadata
-from fleetllm.model.layers.cpu_kernels import CpuKernels, decode_kernels_for, kernels_for
+from fleetllm.model.layers.cpu_kernels import (
+    CpuKernels,
+    decode_kernels_for,
+    kernels_for,
+    linear_kernels_for,
+)
 from fleetllm.model.layers.linear import pack_linear_weights
 from fleetllm.model.layers.sampler import (
     LogitsAdjustment,
@@ -100,10 +105,13 @@ class ModelRunner:
         # The fused norms, SiLU-and-mul, rotary, K/V writes and small linear layers apply to
         # any bf16 model on CPU; decode attention also needs a head_dim it has loops for. Set
         # before packing, so the small layers' blocked copies come from the plain weights.
-        self.model.use_cpu_kernels(kernels_for(self.device, self.dtype))
+        self.model.use_cpu_kernels(kernels_for(self.device, self.dtype),
+                                   linear_kernels_for(self.device, self.dtype))
         packed = pack_linear_weights(self.model)
         if packed:
             logger.debug("packed %d linear weights into oneDNN's layout", packed)
+        self.model.use_float32_matmuls(any(getattr(m, "upcast", None) is not None
+                                           for m in self.model.modules()))
         self.cpu_kernels = decode_kernels_for(self.device, self.dtype,
                                               self.config.model_config.head_dim)
         # Greedy picks from float32 logits: any model on CPU (the picks are torch's).

@@ -98,6 +98,10 @@ class TorchAttentionBackend:
         self.head_dim = head_dim
         self.scale = scale
         self.kernels: CpuKernels | None = None  # the native K/V store, set by the model
+        # Decode through SDPA at every size: set where the CPU has no fast 16-bit matmul
+        # (the linear layers hold float32 copies), as torch's bf16 bmm then runs ~10 GFLOP/s
+        # and SDPA's flash kernel widens K and V in its own loop.
+        self.sdpa_decode = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -164,7 +168,8 @@ class TorchAttentionBackend:
             keys, values = st.buffers[self.layer]
         if st.ranges is not None:  # one pass over K and V, float32 inside
             return st.kernels.decode_attention(q, keys, values, st.ranges, self.scale)
-        if b * cap <= SDPA_DECODE_MAX_KEYS and meta.decode_mask is not None:
+        if ((b * cap <= SDPA_DECODE_MAX_KEYS or self.sdpa_decode)
+                and meta.decode_mask is not None):
             # Small batches: one SDPA call beats two bmm calls' fixed cost. Without a causal
             # mask the g query heads of a KV head are g query rows of that head.
             out = F.scaled_dot_product_attention(q.reshape(b, kvh, g, d), keys, values,

@@ -7,10 +7,20 @@ On CPU, `pack_linear_weights` then moves every weight into oneDNN's blocked layo
 F.linear on a plain bf16 weight reorders it on every call, which costs 1.3-1.5x at every
 batch size and 3-4x for the LM head at batch 1 (docs/performance.md). The results are
 bit-identical, as the same kernel runs.
+
+Where oneDNN cannot take bf16 (a CPU without AVX-512 or AVX-NE-CONVERT, such as AMD's Zen 3),
+torch's bf16 and fp16 linear falls back to a kernel that runs at ~10 GFLOP/s at every batch
+size: 8x slower than float32 at 64 rows and 1.5x at one row. There the weights are held as
+float32 instead (`PackedMatmul.upcast`, in oneDNN's float32 layout): the input is widened and
+the output rounded back to its dtype, so the same exact products are summed in float32, in
+another order. Decode batches of up to 8 rows use the AVX2 small-linear kernel on a bf16
+blocked copy instead (cpu_kernels.Avx2SmallLinear), which reads half the bytes. That takes
+twice the weights' memory, so it is done only while the copies fit (`pack_linear_weights`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +31,10 @@ from torch import nn
 from fleetllm.distributed.parallel_state import ParallelContext
 from fleetllm.errors import ModelLoadError
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
-    from fleetllm.model.layers.cpu_kernels import CpuKernels
+    from fleetllm.model.layers.cpu_kernels import SmallLinearKernels
 
 
 def full_shape(loaded: Any) -> tuple[int, ...]:
@@ -54,6 +66,11 @@ def check_shape(name: str, loaded: Any, expected: tuple[int, ...]) -> None:
 # fp32 packs too, and runs 2x faster, but rounds differently from the unpacked kernel;
 # float16 needs avx512_fp16.
 PACKED_DTYPES = (torch.bfloat16,)
+# 16-bit weights held as float32 where oneDNN cannot pack them (see the module docstring).
+UPCAST_DTYPES = (torch.bfloat16, torch.float16)
+# The float32 copies may take at most this share of the memory available when they are made;
+# the rest stays for the KV cache and the activations.
+UPCAST_MAX_MEMORY_FRACTION = 0.5
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -69,14 +86,16 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class PackedMatmul:
-    """x @ weight.T (+ bias) from the plain weight, or from its packed copy once packed, when
-    the plain weight's storage is freed (weight keeps its dtype, with no elements). With the
+    """x @ weight.T (+ bias) from the plain weight, or from its packed copy once packed (its
+    float32 copy where oneDNN cannot pack a 16-bit weight), when the plain weight's storage
+    is freed (weight keeps its dtype, with no elements). With the
     native CPU kernels (`use_small_linear`), a small weight also keeps a blocked copy that
     serves decode batches (CpuKernels.small_rows) without oneDNN's per-call cost."""
 
     weight: nn.Parameter
     packed: torch.Tensor | None = None
-    kernels: CpuKernels | None = None
+    upcast: torch.Tensor | None = None  # the float32 copy, where oneDNN cannot pack
+    kernels: SmallLinearKernels | None = None
     blocked: torch.Tensor | None = None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,6 +104,12 @@ class PackedMatmul:
             return k.small_linear(x, self.blocked, bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        if self.upcast is not None:
+            wide = None if bias is None else bias.float()
+            if self.upcast.is_mkldnn:
+                return torch.ops.mkldnn._linear_pointwise(x.float(), self.upcast, wide, "none",
+                                                          [], "").to(x.dtype)
+            return F.linear(x.float(), self.upcast, wide).to(x.dtype)
         return F.linear(x, self.weight, bias)
 
     def pack(self) -> bool:
@@ -92,13 +117,41 @@ class PackedMatmul:
         if packed is None:
             return False
         self.packed = packed
-        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        self._free_plain()
         return True
 
-    def dense_weight(self) -> torch.Tensor:
-        return self.packed.to_dense() if self.packed is not None else self.weight.data
+    def needs_upcast(self) -> bool:
+        """A 16-bit CPU weight that oneDNN did not pack: torch's own kernel would run it."""
+        w = self.weight
+        return (self.packed is None and self.upcast is None and w.device.type == "cpu"
+                and w.dtype in UPCAST_DTYPES and w.numel() > 0)
 
-    def use_small_linear(self, kernels: CpuKernels | None) -> bool:
+    def hold_as_float32(self) -> None:
+        """Holds the weight as float32 (exact), in oneDNN's layout where it takes float32
+        (1.2-4x torch's float32 GEMM at 4-64 rows on AVX2), and frees the 16-bit copy."""
+        wide = self.weight.detach().float()
+        try:
+            self.upcast = torch.ops.mkldnn._reorder_linear_weight(wide, None)
+        except (RuntimeError, AttributeError):
+            self.upcast = wide
+        self._free_plain()
+
+    def _free_plain(self) -> None:
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+
+    def holds_copy(self) -> bool:
+        """Whether the weight lives in a packed or float32 copy (the parameter is empty)."""
+        return self.packed is not None or self.upcast is not None
+
+    def dense_weight(self) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.to_dense()
+        if self.upcast is not None:
+            wide = self.upcast.to_dense() if self.upcast.is_mkldnn else self.upcast
+            return wide.to(self.weight.dtype)
+        return self.weight.data
+
+    def use_small_linear(self, kernels: SmallLinearKernels | None) -> bool:
         """Serves decode batches with the native kernel from a blocked copy of the weight, where
         the kernel takes this weight (bf16, up to SMALL_LINEAR_MAX_BYTES); None drops the
         copy. -> whether the kernel serves this layer now."""
@@ -111,34 +164,64 @@ class PackedMatmul:
         return True
 
 
-def pack_linear_weights(model: nn.Module) -> int:
-    """Packs every linear weight of model that oneDNN takes; returns how many it packed.
+def pack_linear_weights(model: nn.Module, available_bytes: int | None = None) -> int:
+    """Packs every linear weight of model that oneDNN takes, and holds the 16-bit ones it
+    cannot take as float32, if their copies fit in UPCAST_MAX_MEMORY_FRACTION of
+    available_bytes (None: the memory available now); returns how many it packed or widened.
     Call it after loading (and after attaching LoRA, which reads the weights' shapes)."""
-    return sum(m.pack() for m in model.modules() if isinstance(m, PackedMatmul))
+    layers = [m for m in model.modules() if isinstance(m, PackedMatmul)]
+    done = sum(m.pack() for m in layers)
+    wide = [m for m in layers if m.needs_upcast()]
+    if not wide:
+        return done
+    need = sum(2 * m.weight.numel() * m.weight.element_size() for m in wide)
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    if need > UPCAST_MAX_MEMORY_FRACTION * available_bytes:
+        logger.warning(
+            "oneDNN cannot pack %s weights on this CPU, and their float32 copies (%.1f GB) "
+            "do not fit in half the %.1f GB available, so torch's %s kernel runs them "
+            "(several times slower); free memory, or load the model in float32",
+            wide[0].weight.dtype, need / 1e9, available_bytes / 1e9, wide[0].weight.dtype)
+        return done
+    for m in wide:
+        m.hold_as_float32()
+    logger.info("holding %d %s linear weights as float32 (%.1f GB): oneDNN cannot pack them "
+                "on this CPU", len(wide), wide[0].weight.dtype, need / 1e9)
+    return done + len(wide)
 
 
 def drop_packed_weights(model: nn.Module) -> None:
-    """Frees the packed and blocked copies (sleep level 2: the weights are reloaded on
-    wake-up)."""
+    """Frees the packed, float32 and blocked copies (sleep level 2: the weights are reloaded
+    on wake-up)."""
     for m in model.modules():
         if isinstance(m, PackedMatmul):
-            m.packed = m.blocked = m.kernels = None
+            m.packed = m.upcast = m.blocked = m.kernels = None
 
 
 def weights_as_held(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, dense tensor) of every parameter, packed weights included."""
-    packed = {f"{name}.weight" if name else "weight": m for name, m in model.named_modules()
-              if isinstance(m, PackedMatmul) and m.packed is not None}
+    """(name, dense tensor) of every parameter, packed and float32 weights included (in the
+    parameter's own dtype)."""
+    held = {f"{name}.weight" if name else "weight": m for name, m in model.named_modules()
+            if isinstance(m, PackedMatmul) and m.holds_copy()}
     for name, param in model.named_parameters():
-        yield name, packed[name].dense_weight() if name in packed else param.data
+        yield name, held[name].dense_weight() if name in held else param.data
 
 
 def weight_bytes_held(model: nn.Module) -> int:
-    """The memory the weights take as held: each one once, plus the small-batch kernel's
-    blocked copies."""
+    """The memory the weights take as held: each one once (float32 copies at their own size),
+    plus the small-batch kernel's blocked copies."""
     dense = sum(t.numel() * t.element_size() for _, t in weights_as_held(model))
-    return dense + sum(m.blocked.numel() * m.blocked.element_size() for m in model.modules()
-                       if isinstance(m, PackedMatmul) and m.blocked is not None)
+    extra = 0
+    for m in model.modules():
+        if isinstance(m, PackedMatmul):
+            if m.blocked is not None:
+                extra += m.blocked.numel() * m.blocked.element_size()
+            if m.upcast is not None:  # counted above at the 16-bit size
+                extra += m.upcast.numel() * (m.upcast.element_size() - m.weight.element_size())
+    return dense + extra
 
 
 class _Linear(PackedMatmul, nn.Module):
